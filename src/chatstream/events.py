@@ -1,0 +1,289 @@
+"""The six stream events, and their Server-Sent Events wire form.
+
+Events are small frozen values tagged by ``type``. ``encode`` turns one into an
+SSE frame; ``FrameDecoder`` and ``parse_event`` turn a byte stream back into
+events, so the server, the client and the tests share one definition.
+
+Departures from a generic SSE library, on purpose:
+
+* ``data`` is always a single line of compact JSON, so a value can never inject
+  an SSE field: JSON escapes ``\\n`` and ``\\r``, and U+2028/U+2029 are harmless
+  to SSE parsers, which split only on CR and LF.
+* Non-ASCII text is written as raw UTF-8 (``서울`` stays ``서울``).
+* ``retry:`` is not part of an event; the server adds it once per connection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A text delta of the model's answer."""
+
+    content: str
+    type: Literal["token"] = field(default="token", init=False)
+
+    def data(self) -> dict[str, Any]:
+        return {"content": self.content}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A tool call about to run."""
+
+    id: str
+    tool: str
+    args: dict[str, Any]
+    type: Literal["tool_call"] = field(default="tool_call", init=False)
+
+    def data(self) -> dict[str, Any]:
+        return {"id": self.id, "tool": self.tool, "args": self.args}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolProgress:
+    """A step reported by a running tool; ``progress`` in 0..1 when known."""
+
+    id: str
+    tool: str
+    message: str
+    progress: float | None = None
+    type: Literal["tool_progress"] = field(default="tool_progress", init=False)
+
+    def data(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"id": self.id, "tool": self.tool, "message": self.message}
+        if self.progress is not None:
+            data["progress"] = self.progress
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    """A tool finished, failed (``is_error``) or timed out."""
+
+    id: str
+    tool: str
+    result: str
+    is_error: bool = False
+    type: Literal["tool_result"] = field(default="tool_result", init=False)
+
+    def data(self) -> dict[str, Any]:
+        return {"id": self.id, "tool": self.tool, "result": self.result, "isError": self.is_error}
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The turn finished and is stored."""
+
+    session_id: str
+    history_length: int
+    run_id: str
+    usage: dict[str, int] = field(default_factory=dict)
+    message: str = "complete"
+    type: Literal["done"] = field(default="done", init=False)
+
+    def data(self) -> dict[str, Any]:
+        return {
+            "message": self.message,
+            "sessionId": self.session_id,
+            "historyLength": self.history_length,
+            "runId": self.run_id,
+            "usage": self.usage,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """The turn failed after the stream began."""
+
+    code: str
+    message: str
+    type: Literal["error"] = field(default="error", init=False)
+
+    def data(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+
+Event = Token | ToolCall | ToolProgress | ToolResult | Done | Error
+TERMINAL_TYPES = frozenset({"done", "error"})
+
+
+def is_terminal(event: Event) -> bool:
+    return event.type in TERMINAL_TYPES
+
+
+def dumps(value: Any) -> bytes:
+    """Compact JSON as UTF-8 bytes, non-ASCII kept raw."""
+    return orjson.dumps(value)
+
+
+def encode(event: Event, *, event_id: str) -> bytes:
+    """Encode one event as an SSE frame: ``id``, ``event`` and one ``data`` line."""
+    if "\n" in event_id or "\r" in event_id:
+        raise ValueError("an event id cannot contain a line break")
+    return b"".join(
+        (
+            b"id: ",
+            event_id.encode(),
+            b"\nevent: ",
+            event.type.encode(),
+            b"\ndata: ",
+            orjson.dumps(event.data()),
+            b"\n\n",
+        )
+    )
+
+
+def encode_token(content: str, *, event_id: str) -> bytes:
+    """``encode(Token(content))`` without building the Token: the per-token hot path."""
+    return b"".join(
+        (
+            b"id: ",
+            event_id.encode(),
+            b"\nevent: token\ndata: ",
+            orjson.dumps({"content": content}),
+            b"\n\n",
+        )
+    )
+
+
+def encode_retry(retry_ms: int) -> bytes:
+    return b"retry: %d\n" % retry_ms
+
+
+HEARTBEAT = b": ping\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One dispatched SSE frame as a browser's EventSource would see it."""
+
+    event: str
+    data: str
+    id: str | None = None
+    retry: int | None = None
+
+
+class FrameDecoder:
+    """Incremental SSE parser following the HTML spec's rules (CR, LF or CRLF lines)."""
+
+    def __init__(self) -> None:
+        self._buffer = ""
+        self._pending_cr = False
+        self._event = ""
+        self._data: list[str] = []
+        self._id: str | None = None
+        self._retry: int | None = None
+        self.last_event_id: str | None = None
+        self._decoder = _utf8_decoder()
+
+    def feed(self, chunk: bytes) -> list[Frame]:
+        """Feed raw bytes; return the frames completed by them."""
+        text = self._decoder.decode(chunk)
+        if self._pending_cr and text.startswith("\n"):
+            text = text[1:]
+        self._pending_cr = False
+        self._buffer += text
+        frames: list[Frame] = []
+        while True:
+            cut = _line_end(self._buffer)
+            if cut is None:
+                break
+            index, width = cut
+            if width == 1 and self._buffer[index] == "\r" and index == len(self._buffer) - 1:
+                # A CR at the end of the buffer may be the first half of a CRLF.
+                self._pending_cr = True
+            line = self._buffer[:index]
+            self._buffer = self._buffer[index + width :]
+            frame = self._line(line)
+            if frame is not None:
+                frames.append(frame)
+        return frames
+
+    def _line(self, line: str) -> Frame | None:
+        if not line:
+            return self._dispatch()
+        if line.startswith(":"):
+            return None
+        name, sep, value = line.partition(":")
+        if sep and value.startswith(" "):
+            value = value[1:]
+        if name == "event":
+            self._event = value
+        elif name == "data":
+            self._data.append(value)
+        elif name == "id":
+            if "\0" not in value:
+                self._id = value
+                self.last_event_id = value
+        elif name == "retry" and value.isdigit():
+            self._retry = int(value)
+        return None
+
+    def _dispatch(self) -> Frame | None:
+        if not self._data:
+            self._event = ""
+            return None
+        frame = Frame(
+            event=self._event or "message",
+            data="\n".join(self._data),
+            id=self._id,
+            retry=self._retry,
+        )
+        self._event, self._data, self._id, self._retry = "", [], None, None
+        return frame
+
+
+def _utf8_decoder() -> Any:
+    import codecs
+
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+
+def _line_end(buffer: str) -> tuple[int, int] | None:
+    cr = buffer.find("\r")
+    lf = buffer.find("\n")
+    if cr == -1 and lf == -1:
+        return None
+    if cr == -1 or (lf != -1 and lf < cr):
+        return lf, 1
+    if cr + 1 < len(buffer) and buffer[cr + 1] == "\n":
+        return cr, 2
+    return cr, 1
+
+
+def parse_event(frame: Frame) -> Event:
+    """Turn a decoded frame back into its typed event."""
+    data = orjson.loads(frame.data)
+    match frame.event:
+        case "token":
+            return Token(content=data["content"])
+        case "tool_call":
+            return ToolCall(id=data["id"], tool=data["tool"], args=data["args"])
+        case "tool_progress":
+            return ToolProgress(
+                id=data["id"],
+                tool=data["tool"],
+                message=data["message"],
+                progress=data.get("progress"),
+            )
+        case "tool_result":
+            return ToolResult(
+                id=data["id"], tool=data["tool"], result=data["result"], is_error=data["isError"]
+            )
+        case "done":
+            return Done(
+                session_id=data["sessionId"],
+                history_length=data["historyLength"],
+                run_id=data["runId"],
+                usage=data.get("usage") or {},
+                message=data.get("message", "complete"),
+            )
+        case "error":
+            return Error(code=data["code"], message=data["message"])
+    raise ValueError(f"unknown event type {frame.event!r}")

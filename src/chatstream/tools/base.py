@@ -1,0 +1,155 @@
+"""Tools: typed async functions with a JSON schema taken from their signature.
+
+A tool is an ``async def`` whose first parameter is a ``ToolContext`` and whose
+other parameters are typed; ``@tool`` reads the type hints and the docstring
+(first paragraph: description; ``Args:`` section: parameter descriptions) into
+the JSON schema the model sees, and validates the model's arguments against the
+same types before the function runs. A tool reports progress through
+``ctx.progress(...)`` and fails by raising ``ToolError`` (any other exception
+is reported too, less politely); either way the turn goes on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, get_type_hints
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError, create_model
+
+from chatstream.errors import ToolError
+from chatstream.models.base import ToolSpec
+
+ProgressSink = Callable[[str, float | None], None]
+ToolFunction = Callable[..., Awaitable[str]]
+
+
+class ToolContext:
+    """Handed to a running tool: where its progress goes, and the settings it may need."""
+
+    __slots__ = ("_sink", "settings")
+
+    def __init__(self, sink: ProgressSink, settings: Any = None) -> None:
+        self._sink = sink
+        self.settings = settings
+
+    def progress(self, message: str, progress: float | None = None) -> None:
+        """Report a step; ``progress`` is the fraction done (0..1) when known."""
+        if progress is not None:
+            progress = min(1.0, max(0.0, float(progress)))
+        self._sink(message, progress)
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A tool the model may call."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    function: ToolFunction
+    validator: TypeAdapter[Any]
+
+    @property
+    def spec(self) -> ToolSpec:
+        return ToolSpec(self.name, self.description, self.parameters)
+
+    def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Check and coerce the model's arguments; raise ``ToolError`` when they do not fit."""
+        try:
+            model = self.validator.validate_python(arguments)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise ToolError(f"invalid arguments for {self.name}: {problems}") from None
+        return dict(model.__dict__)
+
+    async def __call__(self, ctx: ToolContext, arguments: dict[str, Any]) -> str:
+        return await self.function(ctx, **self.validate(arguments))
+
+
+def tool(function: ToolFunction) -> Tool:
+    """Make a ``Tool`` from a typed ``async def name(ctx: ToolContext, ...) -> str``."""
+    signature = inspect.signature(function)
+    hints = get_type_hints(function)
+    description, arg_docs = _parse_docstring(inspect.getdoc(function) or "")
+    fields: dict[str, Any] = {}
+    for index, (name, parameter) in enumerate(signature.parameters.items()):
+        if index == 0:
+            continue  # the ToolContext
+        default = ... if parameter.default is inspect.Parameter.empty else parameter.default
+        fields[name] = (hints[name], default)
+    arguments_model = create_model(  # type: ignore[call-overload]
+        f"{function.__name__}_arguments",
+        __config__=ConfigDict(extra="forbid"),
+        **fields,
+    )
+    schema = TypeAdapter(arguments_model).json_schema()
+    schema.pop("title", None)
+    for name, prop in schema.get("properties", {}).items():
+        prop.pop("title", None)
+        if name in arg_docs:
+            prop["description"] = arg_docs[name]
+    schema["additionalProperties"] = False
+    return Tool(
+        name=function.__name__,
+        description=description,
+        parameters=schema,
+        function=function,
+        validator=TypeAdapter(arguments_model),
+    )
+
+
+_ARG_LINE = re.compile(r"^\s+(\w+)(?:\s*\([^)]*\))?:\s*(.+)$")
+
+
+def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
+    """Split a Google-style docstring into its summary paragraph and ``Args:`` entries."""
+    summary, _, rest = doc.partition("\n\n")
+    args: dict[str, str] = {}
+    in_args = False
+    current: str | None = None
+    for line in rest.splitlines():
+        if line.strip() in ("Args:", "Arguments:"):
+            in_args = True
+            continue
+        if in_args:
+            if line and not line[0].isspace():
+                break
+            match = _ARG_LINE.match(line)
+            if match:
+                current = match.group(1)
+                args[current] = match.group(2).strip()
+            elif current and line.strip():
+                args[current] += " " + line.strip()
+    return " ".join(summary.split()), args
+
+
+class ToolRegistry:
+    """The tools a server offers, by name."""
+
+    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+        self._tools: dict[str, Tool] = {}
+        for t in tools:
+            self.add(t)
+
+    def add(self, t: Tool) -> None:
+        if t.name in self._tools:
+            raise ValueError(f"tool {t.name!r} is registered twice")
+        self._tools[t.name] = t
+
+    def get(self, name: str) -> Tool | None:
+        return self._tools.get(name)
+
+    def __iter__(self) -> Any:
+        return iter(self._tools.values())
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    def specs(self) -> list[ToolSpec]:
+        return [t.spec for t in self._tools.values()]
