@@ -80,7 +80,9 @@ def user(content: str) -> Message:
 def assistant(
     content: str, *, tool_calls: tuple[ToolCallRequest, ...] = (), interrupted: bool = False
 ) -> Message:
-    return Message(role="assistant", content=content, tool_calls=tool_calls, interrupted=interrupted)
+    return Message(
+        role="assistant", content=content, tool_calls=tool_calls, interrupted=interrupted
+    )
 
 
 def tool_result(call: ToolCallRequest, content: str, *, is_error: bool = False) -> Message:
@@ -94,9 +96,7 @@ def history_length(messages: list[Message] | tuple[Message, ...]) -> int:
     # An assistant message that only asked for tools is a step of the turn, not an
     # answer; the contract counts 2 per finished turn, so count only answers.
     return sum(
-        1
-        for m in messages
-        if m.role == "user" or (m.role == "assistant" and not m.tool_calls)
+        1 for m in messages if m.role == "user" or (m.role == "assistant" and not m.tool_calls)
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,7 +50,7 @@ class Model(Protocol):
 
     def stream(
         self, messages: Sequence[Message], tools: Sequence[ToolSpec]
-    ) -> AsyncIterator[ModelEvent]: ...
+    ) -> AsyncGenerator[ModelEvent, None]: ...
 
     async def aclose(self) -> None:
         """Release clients, threads or weights held by the model."""

@@ -83,7 +83,7 @@ def tool(function: ToolFunction) -> Tool:
             continue  # the ToolContext
         default = ... if parameter.default is inspect.Parameter.empty else parameter.default
         fields[name] = (hints[name], default)
-    arguments_model = create_model(  # type: ignore[call-overload]
+    arguments_model = create_model(
         f"{function.__name__}_arguments",
         __config__=ConfigDict(extra="forbid"),
         **fields,

@@ -1,0 +1,5 @@
+"""``python -m chatstream``: the same as the ``chatstream`` command."""
+
+from chatstream.cli import main
+
+main()

@@ -1,0 +1,107 @@
+"""The ``chatstream`` command: ``serve`` the API, or ``chat`` with a server in the terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Annotated, Any
+
+import typer
+import uvicorn
+
+from chatstream import __version__
+from chatstream.config import Settings
+
+app = typer.Typer(
+    name="chatstream",
+    help="Stream an LLM agent's answer and tool work over Server-Sent Events.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"chatstream {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """chatstream: an SSE chat server with tools and persistent sessions."""
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, told about SIGTERM/SIGINT early enough to drain runs before connections close."""
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self._app = app
+        self._drain: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        runtime = getattr(self._app.state, "runtime", None)
+        if runtime is not None and self._drain is None and not self.should_exit:
+            # Runs end their streams themselves (done, or SHUTTING_DOWN at the deadline);
+            # uvicorn meanwhile stops accepting and waits for open connections to finish.
+            self._drain = asyncio.get_event_loop().create_task(runtime.begin_shutdown())
+        super().handle_exit(sig, frame)
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option(envvar="CHATSTREAM_HOST", help="Address to bind.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="CHATSTREAM_PORT", help="Port to bind.")] = 3002,
+    model: Annotated[
+        str,
+        typer.Option(
+            envvar="CHATSTREAM_MODEL",
+            help="local | local:<file.gguf> | openai:<model> | anthropic:<model> | scripted[:<ms>]",
+        ),
+    ] = "local",
+    store: Annotated[
+        str,
+        typer.Option(envvar="CHATSTREAM_STORE", help="sqlite:///<path> (default chatstream.db)"),
+    ] = "sqlite:///chatstream.db",
+    log_level: Annotated[
+        str, typer.Option(envvar="CHATSTREAM_LOG_LEVEL", help="debug, info, warning or error")
+    ] = "info",
+) -> None:
+    """Run the HTTP server. Every other setting reads a CHATSTREAM_* variable (see the README)."""
+    from chatstream.server.app import create_app
+
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S%z",
+        stream=sys.stderr,
+    )
+    try:
+        settings = Settings.from_env(host=host, port=port, model=model, store=store)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    application = create_app(settings)
+    config = uvicorn.Config(
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level.lower(),
+        access_log=False,  # chatstream.http logs each request once, with more detail
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
+        lifespan="on",
+    )
+    server = _Server(config, application)
+    server.run()
+    if not server.started:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()

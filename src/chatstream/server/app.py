@@ -1,0 +1,99 @@
+"""``create_app(settings)``: the FastAPI application and what it holds while it runs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+
+from chatstream import __version__
+from chatstream.agent import Agent
+from chatstream.config import Settings
+from chatstream.models import Model, resolve
+from chatstream.runs import RunManager
+from chatstream.server import errors, routes
+from chatstream.server.requestlog import RequestLog
+from chatstream.store import SessionStore, open_store
+from chatstream.tools import default_tools
+
+log = logging.getLogger("chatstream.server")
+
+
+@dataclass(slots=True)
+class Runtime:
+    """What a running server holds: settings, model, store, tools, runs."""
+
+    settings: Settings
+    model: Model
+    store: SessionStore
+    agent: Agent
+    runs: RunManager
+    started_at: float
+
+    async def begin_shutdown(self) -> None:
+        """Stop taking turns; let running ones finish up to the deadline, then cancel them."""
+        await self.runs.drain(self.settings.shutdown_grace_s)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; the model and store are opened when it starts."""
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        model = resolve(settings.model)
+        store = await open_store(settings.store)
+        tools = default_tools()
+        agent = Agent(
+            model,
+            tools,
+            max_tool_rounds=settings.max_tool_rounds,
+            tool_timeout_s=settings.tool_timeout_s,
+            tool_settings=settings,
+        )
+        runtime = Runtime(
+            settings=settings,
+            model=model,
+            store=store,
+            agent=agent,
+            runs=RunManager(agent=agent, store=store, settings=settings),
+            started_at=time.monotonic(),
+        )
+        app.state.runtime = runtime
+        log.info(
+            "chatstream %s serving model %s%s with store %s",
+            __version__,
+            model.name,
+            " (a scripted test double, not a real model)" if model.name == "scripted" else "",
+            store.name,
+        )
+        try:
+            yield
+        finally:
+            await runtime.runs.close()
+            await model.aclose()
+            await store.close()
+
+    app = FastAPI(
+        title="chatstream",
+        version=__version__,
+        summary="Stream an LLM agent's answer and tool work over Server-Sent Events.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(routes.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Content-Type", "Authorization", "Last-Event-ID"],
+            expose_headers=["X-Session-Id", "X-Run-Id"],
+        )
+    app.add_middleware(RequestLog, body_limit=settings.log_body_bytes)
+    return app

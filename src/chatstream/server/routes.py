@@ -1,0 +1,376 @@
+"""HTTP endpoints: stream a turn, resume or cancel a run, sessions, tools, health, the page."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import FileResponse
+
+from chatstream import __version__
+from chatstream.errors import RequestError
+from chatstream.events import Done, Error, FrameDecoder, Token, ToolCall, ToolResult, parse_event
+from chatstream.runs import STOPPED, Run, new_session_id
+from chatstream.server.app_state import runtime_of
+from chatstream.server.schemas import (
+    ChatRequest,
+    ChatResponse,
+    DeletedOut,
+    ErrorOut,
+    HealthOut,
+    MessageOut,
+    RunOut,
+    SessionListOut,
+    SessionOut,
+    SessionSummaryOut,
+    ToolCallOut,
+    ToolListOut,
+    ToolOut,
+)
+from chatstream.server.sse import EventStream
+
+router = APIRouter()
+STATIC = Path(__file__).parent / "static"
+SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+EVENT_ID = re.compile(r"(run_[0-9a-f]+):(\d+)")
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "MISSING_MESSAGE or INVALID_REQUEST"},
+    409: {"model": ErrorOut, "description": "SESSION_BUSY: a turn is already running there"},
+    413: {"model": ErrorOut, "description": "MESSAGE_TOO_LONG or REQUEST_TOO_LARGE"},
+}
+_STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "An event stream: token, tool_call, tool_progress, tool_result, then "
+        "done or error. Each frame has `id: <runId>:<seq>`.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+    204: {"description": "Resume of a run that is unknown, expired or fully delivered."},
+    **_ERRORS,
+}
+
+
+# -- streaming -----------------------------------------------------------------------
+
+
+@router.get(
+    "/api/chat/stream",
+    response_class=Response,
+    response_model=None,
+    responses=_STREAM_RESPONSES,
+    summary="Stream a turn (or resume a run) as Server-Sent Events",
+    tags=["chat"],
+)
+async def stream_get(
+    request: Request,
+    message: Annotated[str | None, Query(description="The user's message.")] = None,
+    sessionId: Annotated[str | None, Query(description="Session to continue.")] = None,
+    enableTools: Annotated[bool, Query(description="true/false/1/0")] = True,
+    lastEventId: Annotated[
+        str | None, Query(description="Resume after this event id (`<runId>:<seq>`).")
+    ] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> Response | EventStream:
+    return await _stream(request, message, sessionId, enableTools, last_event_id or lastEventId)
+
+
+@router.post(
+    "/api/chat/stream",
+    response_class=Response,
+    response_model=None,
+    responses=_STREAM_RESPONSES,
+    summary="Stream a turn (or resume a run) as Server-Sent Events, from a JSON body",
+    tags=["chat"],
+)
+async def stream_post(
+    request: Request,
+    body: ChatRequest | None = None,
+    lastEventId: Annotated[str | None, Query()] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> Response | EventStream:
+    body = body or ChatRequest()
+    return await _stream(
+        request, body.message, body.sessionId, body.enableTools, last_event_id or lastEventId
+    )
+
+
+async def _stream(
+    request: Request,
+    message: str | None,
+    session_id: str | None,
+    enable_tools: bool,
+    last_event_id: str | None,
+) -> Response | EventStream:
+    runtime = runtime_of(request)
+    settings = runtime.settings
+    if last_event_id:
+        run, after = _resumable(request, last_event_id)
+        if run is None:
+            return Response(status_code=204)
+    else:
+        text, session_id = _validate_turn(message, session_id, settings.max_message_chars)
+        run = await runtime.runs.start(session_id, text, enable_tools=enable_tools)
+        after = 0
+    return EventStream(
+        run,
+        after_seq=after,
+        heartbeat_s=settings.heartbeat_s,
+        retry_ms=settings.retry_ms,
+        headers={"X-Session-Id": run.session_id, "X-Run-Id": run.id},
+    )
+
+
+def _validate_turn(message: str | None, session_id: str | None, max_chars: int) -> tuple[str, str]:
+    if message is None or not message.strip():
+        raise RequestError(400, "MISSING_MESSAGE", "`message` is required and cannot be blank.")
+    if len(message) > max_chars:
+        raise RequestError(
+            413,
+            "MESSAGE_TOO_LONG",
+            f"`message` has {len(message)} characters; the limit is {max_chars}.",
+        )
+    if session_id is None:
+        session_id = new_session_id()
+    elif not SESSION_ID.fullmatch(session_id):
+        raise RequestError(
+            400, "INVALID_REQUEST", "`sessionId` must be 1-128 characters of [A-Za-z0-9._:-]."
+        )
+    return message, session_id
+
+
+def _resumable(request: Request, last_event_id: str) -> tuple[Run | None, int]:
+    """The run to resume and the seq to resume after; None when nothing is left to send."""
+    match = EVENT_ID.fullmatch(last_event_id.strip())
+    if match is None:
+        raise RequestError(
+            400, "INVALID_REQUEST", "`Last-Event-ID` must look like <runId>:<seq>, as sent."
+        )
+    run = runtime_of(request).runs.get(match.group(1))
+    seq = int(match.group(2))
+    if run is None or (run.finished and seq >= run.last_seq):
+        return None, seq
+    return run, seq
+
+
+# -- runs --------------------------------------------------------------------------
+
+
+@router.post(
+    "/api/chat/runs/{run_id}/cancel",
+    response_model=RunOut,
+    responses={404: {"model": ErrorOut, "description": "RUN_NOT_FOUND"}},
+    summary="Stop a run now (the stop button)",
+    tags=["chat"],
+)
+async def cancel_run(request: Request, run_id: str) -> RunOut:
+    runs = runtime_of(request).runs
+    run = runs.get(run_id)
+    if run is None:
+        raise RequestError(404, "RUN_NOT_FOUND", f"No run {run_id!r} is known (or it expired).")
+    cancelled = run.cancel(STOPPED)
+    if cancelled:
+        await run.wait_finished()
+    return _run_out(run, cancelled=cancelled)
+
+
+@router.get(
+    "/api/chat/runs/{run_id}",
+    response_model=RunOut,
+    responses={404: {"model": ErrorOut, "description": "RUN_NOT_FOUND"}},
+    summary="A run's state",
+    tags=["chat"],
+)
+async def get_run(request: Request, run_id: str) -> RunOut:
+    run = runtime_of(request).runs.get(run_id)
+    if run is None:
+        raise RequestError(404, "RUN_NOT_FOUND", f"No run {run_id!r} is known (or it expired).")
+    return _run_out(run)
+
+
+def _run_out(run: Run, *, cancelled: bool | None = None) -> RunOut:
+    return RunOut(
+        runId=run.id,
+        sessionId=run.session_id,
+        state=run.state.value,
+        lastSeq=run.last_seq,
+        cancelled=cancelled,
+    )
+
+
+# -- one turn without streaming -------------------------------------------------
+
+
+@router.post(
+    "/api/chat",
+    response_model=ChatResponse,
+    responses={**_ERRORS, 502: {"model": ErrorOut, "description": "The turn failed"}},
+    summary="Run a turn and answer when it is over (no streaming)",
+    tags=["chat"],
+)
+async def chat(request: Request, body: ChatRequest) -> ChatResponse:
+    runtime = runtime_of(request)
+    text, session_id = _validate_turn(
+        body.message, body.sessionId, runtime.settings.max_message_chars
+    )
+    run = await runtime.runs.start(session_id, text, enable_tools=body.enableTools)
+    await run.wait_finished()
+    answer: list[str] = []
+    calls: dict[str, ToolCallOut] = {}
+    decoder = FrameDecoder()
+    subscriber = run.subscribe(0)
+    try:
+        frames = decoder.feed(b"".join(run.read(subscriber)))
+    finally:
+        run.unsubscribe(subscriber)
+    for frame in frames:
+        event = parse_event(frame)
+        if isinstance(event, Token):
+            answer.append(event.content)
+        elif isinstance(event, ToolCall):
+            calls[event.id] = ToolCallOut(id=event.id, tool=event.tool, args=event.args)
+            answer.clear()  # text before a tool call is not the answer
+        elif isinstance(event, ToolResult):
+            calls[event.id].result = event.result
+            calls[event.id].isError = event.is_error
+        elif isinstance(event, Error):
+            status = 502 if event.code in ("MODEL_ERROR", "TIMEOUT") else 500
+            if event.code in ("CANCELLED", "SHUTTING_DOWN"):
+                status = 409 if event.code == "CANCELLED" else 503
+            raise RequestError(status, event.code, event.message)
+        elif isinstance(event, Done):
+            return ChatResponse(
+                sessionId=event.session_id,
+                runId=event.run_id,
+                message="".join(answer),
+                toolCalls=list(calls.values()),
+                historyLength=event.history_length,
+                usage=event.usage,
+            )
+    raise RequestError(500, "INTERNAL_ERROR", "The turn ended without an outcome.")
+
+
+# -- sessions ----------------------------------------------------------------------
+
+
+def _iso(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="milliseconds")
+
+
+@router.get(
+    "/api/chat/sessions",
+    response_model=SessionListOut,
+    summary="Recent sessions, most recently active first",
+    tags=["sessions"],
+)
+async def list_sessions(
+    request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 50
+) -> SessionListOut:
+    summaries = await runtime_of(request).store.list(limit=limit)
+    sessions = [
+        SessionSummaryOut(
+            sessionId=s.id,
+            title=s.title,
+            createdAt=_iso(s.created_at),
+            lastActivity=_iso(s.last_activity),
+            messageCount=s.message_count,
+        )
+        for s in summaries
+    ]
+    return SessionListOut(sessions=sessions, count=len(sessions))
+
+
+@router.get(
+    "/api/chat/sessions/{session_id}",
+    response_model=SessionOut,
+    response_model_exclude_none=True,
+    responses={404: {"model": ErrorOut, "description": "SESSION_NOT_FOUND"}},
+    summary="A session's messages",
+    tags=["sessions"],
+)
+async def get_session(request: Request, session_id: str) -> SessionOut:
+    runtime = runtime_of(request)
+    session = await runtime.store.load(session_id)
+    active = runtime.runs.active_run(session_id)
+    if session is None:
+        if active is None:
+            raise RequestError(404, "SESSION_NOT_FOUND", f"No session {session_id!r}.")
+        # The first turn is still running: the session exists but holds nothing yet.
+        now = time.time()
+        return SessionOut(
+            sessionId=session_id,
+            messages=[],
+            createdAt=_iso(active.created_at),
+            lastActivity=_iso(now),
+            messageCount=0,
+            historyLength=0,
+            activeRunId=active.id,
+        )
+    return SessionOut(
+        sessionId=session.id,
+        messages=[MessageOut(**msg.to_dict()) for msg in session.messages],
+        createdAt=_iso(session.created_at),
+        lastActivity=_iso(session.last_activity),
+        messageCount=len(session.messages),
+        historyLength=session.history_length,
+        activeRunId=active.id if active else None,
+    )
+
+
+@router.delete(
+    "/api/chat/sessions/{session_id}",
+    response_model=DeletedOut,
+    responses={
+        404: {"model": ErrorOut, "description": "SESSION_NOT_FOUND"},
+        409: {"model": ErrorOut, "description": "SESSION_BUSY"},
+    },
+    summary="Clear a session",
+    tags=["sessions"],
+)
+async def delete_session(request: Request, session_id: str) -> DeletedOut:
+    runtime = runtime_of(request)
+    active = runtime.runs.active_run(session_id)
+    if active is not None:
+        raise RequestError(
+            409, "SESSION_BUSY", f"Session {session_id!r} has a turn running (run {active.id})."
+        )
+    if not await runtime.store.delete(session_id):
+        raise RequestError(404, "SESSION_NOT_FOUND", f"No session {session_id!r}.")
+    return DeletedOut(sessionId=session_id, deleted=True)
+
+
+# -- tools, health, page -------------------------------------------------------------
+
+
+@router.get("/api/tools", response_model=ToolListOut, summary="The tools", tags=["meta"])
+async def list_tools(request: Request) -> ToolListOut:
+    tools = [
+        ToolOut(name=t.name, description=t.description, parameters=t.parameters)
+        for t in runtime_of(request).agent.tools
+    ]
+    return ToolListOut(tools=tools, count=len(tools))
+
+
+@router.get("/api/health", response_model=HealthOut, summary="Liveness and set-up", tags=["meta"])
+async def health(request: Request, response: Response) -> HealthOut:
+    runtime = runtime_of(request)
+    store_ok = await runtime.store.ping()
+    if not store_ok:
+        response.status_code = 503
+    return HealthOut(
+        status="ok" if store_ok else "degraded",
+        version=__version__,
+        uptimeSeconds=round(time.monotonic() - runtime.started_at, 3),
+        model=runtime.model.name,
+        store={"kind": runtime.store.name, "ok": store_ok},
+        activeRuns=runtime.runs.active_count,
+        accepting=runtime.runs.accepting,
+    )
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")

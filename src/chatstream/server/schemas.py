@@ -1,0 +1,133 @@
+"""Request and response bodies, as the OpenAPI document shows them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+
+
+class ChatRequest(BaseModel):
+    """A turn: the user's message, the session to continue, whether tools may run."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "message": "서울의 날씨를 알려주고 섭씨를 화씨로 변환해줘",
+                    "sessionId": "user-123",
+                    "enableTools": True,
+                }
+            ]
+        },
+    )
+
+    message: str | None = Field(
+        default=None, description="The user's message. Required, unless the request resumes a run."
+    )
+    sessionId: str | None = Field(
+        default=None,
+        description="1-128 characters of [A-Za-z0-9._:-]; the server makes one when absent.",
+    )
+    enableTools: bool = Field(default=True, description="Let the model call tools.")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    tool: str
+    args: dict[str, Any]
+    result: str | None = None
+    isError: bool = False
+
+
+class ChatResponse(BaseModel):
+    """The outcome of a non-streaming turn."""
+
+    sessionId: str
+    runId: str
+    message: str
+    toolCalls: list[ToolCallOut]
+    historyLength: int
+    usage: dict[str, int]
+
+
+class MessageOut(BaseModel):
+    role: str
+    content: str
+    toolCalls: list[dict[str, Any]] | None = None
+    toolCallId: str | None = None
+    tool: str | None = None
+    isError: bool | None = None
+    interrupted: bool | None = None
+    createdAt: float | None = None
+
+
+class SessionOut(BaseModel):
+    sessionId: str
+    messages: list[MessageOut]
+    createdAt: str
+    lastActivity: str
+    messageCount: int
+    historyLength: int
+    activeRunId: str | None = None
+
+
+class SessionSummaryOut(BaseModel):
+    sessionId: str
+    title: str
+    createdAt: str
+    lastActivity: str
+    messageCount: int
+
+
+class SessionListOut(BaseModel):
+    sessions: list[SessionSummaryOut]
+    count: int
+
+
+class DeletedOut(BaseModel):
+    sessionId: str
+    deleted: bool
+
+
+class RunOut(BaseModel):
+    runId: str
+    sessionId: str
+    state: str
+    lastSeq: int
+    cancelled: bool | None = None
+
+
+class ToolOut(BaseModel):
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+class ToolListOut(BaseModel):
+    tools: list[ToolOut]
+    count: int
+
+
+class HealthOut(BaseModel):
+    status: str
+    version: str
+    uptimeSeconds: float
+    model: str
+    store: dict[str, Any]
+    activeRuns: int
+    accepting: bool
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    """Every refusal has this shape."""
+
+    error: ErrorBody

@@ -1,0 +1,121 @@
+"""The event-stream response: one subscriber of a run, written to one connection.
+
+A raw ASGI response rather than ``StreamingResponse``: it writes every frame the
+run has ready in one ``send`` (several tokens that arrived together cost one
+write), sends ``: ping`` comments while nothing is due, and notices a client
+that went away without waiting for the next write to fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from chatstream.events import HEARTBEAT, encode_retry
+from chatstream.runs import Run
+
+HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+    (b"connection", b"keep-alive"),
+]
+
+
+class EventStream(Response):
+    """Stream a run's events after ``after_seq`` until its terminal event or a disconnect."""
+
+    def __init__(
+        self,
+        run: Run,
+        *,
+        after_seq: int = 0,
+        heartbeat_s: float,
+        retry_ms: int,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(status_code=200, media_type="text/event-stream")
+        self.run = run
+        self.after_seq = after_seq
+        self.heartbeat_s = heartbeat_s
+        self.retry_ms = retry_ms
+        self.stream_headers = HEADERS + [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stats: dict[str, Any] = scope.setdefault("state", {}).setdefault("stream", {})
+        stats.update(events=0, first_event_s=None, run_id=self.run.id)
+        started = time.perf_counter()
+        run = self.run
+        subscriber = run.subscribe(self.after_seq)
+        wake = subscriber.wake
+        gone = False
+        last_write = time.monotonic()
+        loop = asyncio.get_running_loop()
+
+        timer: asyncio.TimerHandle | None = None
+
+        def tick() -> None:
+            # Wake the writer when the line has been quiet for a heartbeat period.
+            nonlocal timer
+            due = last_write + self.heartbeat_s - time.monotonic()
+            if due <= 0:
+                wake.set()
+                due = self.heartbeat_s
+            timer = loop.call_later(due, tick)
+
+        async def watch_disconnect() -> None:
+            nonlocal gone
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    gone = True
+                    wake.set()
+                    return
+
+        watcher = asyncio.create_task(watch_disconnect())
+        timer = loop.call_later(self.heartbeat_s, tick)
+        try:
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": self.stream_headers}
+            )
+            prefix = encode_retry(self.retry_ms)
+            while not gone:
+                wake.clear()
+                frames = run.read(subscriber)
+                if frames:
+                    if stats["first_event_s"] is None:
+                        stats["first_event_s"] = time.perf_counter() - started
+                    stats["events"] += len(frames)
+                    if prefix:
+                        frames.insert(0, prefix)
+                        prefix = b""
+                    await send(
+                        {"type": "http.response.body", "body": b"".join(frames), "more_body": True}
+                    )
+                    last_write = time.monotonic()
+                    if run.delivered(subscriber):
+                        break
+                    continue
+                if run.delivered(subscriber):
+                    break
+                if time.monotonic() - last_write >= self.heartbeat_s * 0.99:
+                    await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
+                    last_write = time.monotonic()
+                await wake.wait()
+            if not gone:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            gone = True  # the client went away while we were writing
+        finally:
+            if timer is not None:
+                timer.cancel()
+            watcher.cancel()
+            run.unsubscribe(subscriber)
+            stats["disconnected"] = gone
+            stats["duration_s"] = time.perf_counter() - started

@@ -1,0 +1,23 @@
+"""Session stores, opened from a URL: ``sqlite:///path`` (default) or ``redis://…``."""
+
+from __future__ import annotations
+
+from chatstream.store.base import Session, SessionStore, SessionSummary
+
+__all__ = ["Session", "SessionStore", "SessionSummary", "open_store"]
+
+
+async def open_store(url: str) -> SessionStore:
+    """Open the store a URL names; raise ``ValueError`` for a scheme chatstream lacks."""
+    if url.startswith("sqlite:///"):
+        from chatstream.store.sqlite import SQLiteStore
+
+        return await SQLiteStore.open(url.removeprefix("sqlite:///") or "chatstream.db")
+    if url == "sqlite://" or url == "sqlite::memory:":
+        from chatstream.store.sqlite import SQLiteStore
+
+        return await SQLiteStore.open(":memory:")
+    scheme = url.partition(":")[0]
+    raise ValueError(
+        f"unsupported store URL {url!r} (scheme {scheme!r}); use sqlite:///path/to/file.db"
+    )

@@ -1,0 +1,75 @@
+"""A real chatstream server on loopback, in a thread of the test process."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import uvicorn
+from fastapi import FastAPI
+
+from chatstream.config import Settings
+from chatstream.server.app import Runtime, create_app
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    url: str
+    app: FastAPI
+    server: uvicorn.Server
+    loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        runtime: Runtime = self.app.state.runtime
+        return runtime
+
+    def call(self, coro: object) -> object:
+        """Run a coroutine on the server's own loop and wait for its result."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)  # type: ignore[arg-type]
+
+
+@contextmanager
+def live_server(settings: Settings) -> Iterator[LiveServer]:
+    """Serve ``create_app(settings)`` with uvicorn on a free loopback port."""
+    port = free_port()
+    settings = settings.with_(host="127.0.0.1", port=port)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", loop="asyncio"
+    )
+    server = uvicorn.Server(config)
+    live = LiveServer(url=f"http://127.0.0.1:{port}", app=app, server=server)
+
+    def serve() -> None:
+        loop = asyncio.new_event_loop()
+        live.loop = loop
+        try:
+            loop.run_until_complete(server.serve())
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=serve, name=f"chatstream-test-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield live
+    finally:
+        server.should_exit = True
+        thread.join(20)

@@ -1,0 +1,79 @@
+"""Bad input is refused before any stream starts, with a JSON error body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+
+def error_of(response: httpx.Response) -> str:
+    assert response.headers["content-type"].startswith("application/json")
+    body: dict[str, Any] = response.json()
+    assert set(body) == {"error"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    code: str = body["error"]["code"]
+    return code
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "status", "code"),
+    [
+        ("GET", {"params": {}}, 400, "MISSING_MESSAGE"),
+        ("GET", {"params": {"message": "   "}}, 400, "MISSING_MESSAGE"),
+        ("POST", {"json": {}}, 400, "MISSING_MESSAGE"),
+        ("POST", {"json": {"sessionId": "a"}}, 400, "MISSING_MESSAGE"),
+        ("GET", {"params": {"message": "hi", "sessionId": "bad id!"}}, 400, "INVALID_REQUEST"),
+        ("POST", {"json": {"message": "hi", "sessionId": "x" * 129}}, 400, "INVALID_REQUEST"),
+        ("POST", {"json": {"message": "hi", "sessionId": ""}}, 400, "INVALID_REQUEST"),
+        ("GET", {"params": {"message": "hi", "enableTools": "maybe"}}, 400, "INVALID_REQUEST"),
+        ("POST", {"json": {"message": 42}}, 400, "INVALID_REQUEST"),
+        ("POST", {"json": {"message": "hi", "extra": 1}}, 400, "INVALID_REQUEST"),
+        (
+            "POST",
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            400,
+            "INVALID_REQUEST",
+        ),
+        ("POST", {"json": ["a list"]}, 400, "INVALID_REQUEST"),
+        ("GET", {"params": {"message": "x" * 40_000}}, 413, "MESSAGE_TOO_LONG"),
+        ("POST", {"json": {"message": "x" * 40_000}}, 413, "MESSAGE_TOO_LONG"),
+        (
+            "GET",
+            {"params": {"message": "hi"}, "headers": {"Last-Event-ID": "nonsense"}},
+            400,
+            "INVALID_REQUEST",
+        ),
+    ],
+)
+async def test_bad_stream_requests_get_a_json_error(
+    client: httpx.AsyncClient, method: str, kwargs: dict[str, Any], status: int, code: str
+) -> None:
+    response = await client.request(method, "/api/chat/stream", **kwargs)
+    assert response.status_code == status
+    assert error_of(response) == code
+
+
+async def test_unknown_session_is_404(client: httpx.AsyncClient) -> None:
+    response = await client.get("/api/chat/sessions/nobody")
+    assert response.status_code == 404
+    assert error_of(response) == "SESSION_NOT_FOUND"
+    response = await client.delete("/api/chat/sessions/nobody")
+    assert response.status_code == 404
+    assert error_of(response) == "SESSION_NOT_FOUND"
+
+
+async def test_unknown_route_and_method_are_json_errors(client: httpx.AsyncClient) -> None:
+    response = await client.get("/api/nothing-here")
+    assert response.status_code == 404
+    assert error_of(response) == "NOT_FOUND"
+    response = await client.put("/api/chat/stream")
+    assert response.status_code == 405
+    assert error_of(response) == "METHOD_NOT_ALLOWED"
+
+
+async def test_cancel_of_an_unknown_run_is_404(client: httpx.AsyncClient) -> None:
+    response = await client.post("/api/chat/runs/run_0123456789abcdef/cancel")
+    assert response.status_code == 404
+    assert error_of(response) == "RUN_NOT_FOUND"
