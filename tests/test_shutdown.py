@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 
 import httpx
@@ -42,7 +43,8 @@ async def test_sigterm_lets_short_turns_finish_and_cuts_long_ones(tmp_path: Path
         ending = long_result.frames[-1]
         assert long_result.data[-1]["code"] == "SHUTTING_DOWN"
         assert ending.retry == 1500 or long_result.frames[0].retry == 1500
-        assert server.process.wait(15) == 0
+        # uvicorn re-raises the signal once it has shut down cleanly.
+        assert server.process.wait(15) in (0, -signal.SIGTERM)
         log = server.output()
         assert "draining" in log
 

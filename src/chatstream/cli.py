@@ -103,5 +103,28 @@ def serve(
         raise typer.Exit(1)
 
 
+@app.command()
+def chat(
+    url: Annotated[
+        str, typer.Option(envvar="CHATSTREAM_URL", help="The chatstream server to talk to.")
+    ] = "http://127.0.0.1:3002",
+    session: Annotated[
+        str | None, typer.Option(help="Continue this session id (default: a new one).")
+    ] = None,
+    no_tools: Annotated[bool, typer.Option("--no-tools", help="Do not let the model use tools.")] = False,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="CHATSTREAM_API_KEY", help="API key, when the server wants one.")
+    ] = None,
+) -> None:
+    """Chat in the terminal: tokens as they come, a live line per running tool.
+
+    Commands: /new (a new session), /history (this session so far), /exit. Ctrl-C
+    stops the answer being written without leaving the chat.
+    """
+    from chatstream.terminal import run_chat
+
+    raise typer.Exit(run_chat(url, session_id=session, enable_tools=not no_tools, api_key=api_key))
+
+
 def main() -> None:
     app()

@@ -58,4 +58,5 @@ def server_process(*args: str, env: dict[str, str] | None = None) -> Iterator[Se
     finally:
         if process.poll() is None:
             process.kill()
+        if process.stdout is not None and not process.stdout.closed:
             process.communicate()

@@ -1,0 +1,257 @@
+"""Anthropic's Messages API over streaming HTTP, read by the same lean reader as OpenAI's.
+
+Decisions worth knowing:
+
+- System messages are joined (blank line between) into the top-level ``system`` field.
+- Messages of the same role in a row are merged into one message of several content
+  blocks: consecutive tool results become one user message, as the API requires, and
+  an answer that failed without text leaves no empty message behind.
+- Empty text blocks are left out (the API refuses them).
+- A tool call is yielded at its ``content_block_stop``; its input is parsed as in
+  ``openai.parse_arguments`` (``{"_raw": ...}`` when it is not a JSON object).
+- ``prompt_tokens`` counts cached input too (``cache_creation_input_tokens`` and
+  ``cache_read_input_tokens``), so it is the whole prompt, as in OpenAI's usage.
+- Thinking blocks and server tools are ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+
+import httpx
+import orjson
+
+from chatstream.errors import ModelError
+from chatstream.messages import Message, ToolCallRequest, model_text
+from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
+from chatstream.models.openai import (
+    SSEDecoder,
+    error_detail,
+    parse_arguments,
+    stream_events,
+)
+
+__all__ = ["AnthropicModel", "MessagesReader", "anthropic_messages"]
+
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+API_VERSION = "2023-06-01"
+_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=30)
+
+
+def anthropic_messages(messages: Sequence[Message]) -> tuple[str, list[dict[str, Any]]]:
+    """Our messages as Anthropic's ``system`` text and ``messages`` list."""
+    system: list[str] = []
+    out: list[dict[str, Any]] = []
+
+    def add(role: str, blocks: list[dict[str, Any]]) -> None:
+        if not blocks:
+            return
+        if out and out[-1]["role"] == role:
+            out[-1]["content"].extend(blocks)
+        else:
+            out.append({"role": role, "content": blocks})
+
+    for m in messages:
+        if m.role == "system":
+            if m.content:
+                system.append(m.content)
+        elif m.role == "tool":
+            block: dict[str, Any] = {"type": "tool_result", "tool_use_id": m.tool_call_id or ""}
+            if m.content:
+                block["content"] = m.content
+            if m.is_error:
+                block["is_error"] = True
+            add("user", [block])
+        else:
+            text = model_text(m)
+            blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+            blocks += [
+                {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
+                for call in m.tool_calls
+            ]
+            add(m.role, blocks)
+    return "\n\n".join(system), out
+
+
+def anthropic_tools(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
+    """Tool specs in the Messages API shape."""
+    return [
+        {"name": t.name, "description": t.description, "input_schema": t.parameters} for t in tools
+    ]
+
+
+class _Block:
+    """A tool_use block being assembled from its input_json_delta pieces."""
+
+    __slots__ = ("id", "input", "name", "pieces")
+
+    def __init__(self, block: dict[str, Any]) -> None:
+        self.id: str = block.get("id") or ""
+        self.name: str = block.get("name") or ""
+        self.input: Any = block.get("input")
+        self.pieces: list[str] = []
+
+
+class MessagesReader:
+    """Reads a Messages API stream: typed events from message_start to message_stop."""
+
+    __slots__ = ("_blocks", "_decoder", "_input", "_name", "_output", "done", "error")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._decoder = SSEDecoder()
+        self._blocks: dict[int, _Block] = {}
+        self._input = 0
+        self._output = 0
+        self.done = False
+        self.error: ModelError | None = None
+
+    def feed(self, chunk: bytes) -> list[ModelEvent]:
+        """Take the next bytes of the body; return the events they complete."""
+        events: list[ModelEvent] = []
+        try:
+            self._read(chunk, events)
+        except ModelError as exc:
+            self.error = exc
+        return events
+
+    def finish(self) -> list[ModelEvent]:
+        """The body ended: nothing is left, or it ended before ``message_stop``."""
+        if not self.done:
+            raise ModelError(f"{self._name}: the stream ended before the answer finished")
+        return []
+
+    def _read(self, chunk: bytes, events: list[ModelEvent]) -> None:
+        for data in self._decoder.feed(chunk):
+            event = self._load(data)
+            kind = event.get("type")
+            if kind == "content_block_delta":
+                delta = event.get("delta") or {}
+                delta_kind = delta.get("type")
+                if delta_kind == "text_delta":
+                    if text := delta.get("text"):
+                        events.append(TextDelta(text))
+                elif delta_kind == "input_json_delta":
+                    block = self._blocks.get(event.get("index", -1))
+                    if block is not None and (piece := delta.get("partial_json")):
+                        block.pieces.append(piece)
+            elif kind == "content_block_start":
+                block_data = event.get("content_block") or {}
+                if block_data.get("type") == "tool_use":
+                    self._blocks[event.get("index", -1)] = _Block(block_data)
+                elif block_data.get("type") == "text" and (text := block_data.get("text")):
+                    events.append(TextDelta(text))
+            elif kind == "content_block_stop":
+                done_block = self._blocks.pop(event.get("index", -1), None)
+                if done_block is not None:
+                    events.append(self._tool_call(done_block))
+            elif kind == "message_start":
+                self._count((event.get("message") or {}).get("usage") or {})
+            elif kind == "message_delta":
+                self._count(event.get("usage") or {})
+            elif kind == "message_stop":
+                self.done = True
+                events.append(Usage(prompt_tokens=self._input, completion_tokens=self._output))
+                return
+            elif kind == "error":
+                detail = error_detail(data, "unknown error")
+                raise ModelError(f"{self._name}: the provider failed mid-stream: {detail}")
+            # ping, and event types added later, need nothing.
+
+    def _load(self, data: bytes) -> dict[str, Any]:
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise ModelError(
+                f"{self._name}: malformed event from the provider: {data[:200]!r}"
+            ) from None
+        if not isinstance(event, dict):
+            raise ModelError(f"{self._name}: unexpected event from the provider: {data[:200]!r}")
+        return event
+
+    def _count(self, usage: dict[str, Any]) -> None:
+        # message_start carries the input; message_delta the final (cumulative) output
+        # and, in newer API versions, the input again.
+        if usage.get("input_tokens") is not None:
+            self._input = (
+                usage["input_tokens"]
+                + (usage.get("cache_creation_input_tokens") or 0)
+                + (usage.get("cache_read_input_tokens") or 0)
+            )
+        if usage.get("output_tokens") is not None:
+            self._output = usage["output_tokens"]
+
+    def _tool_call(self, block: _Block) -> ToolCallRequest:
+        if not block.name:
+            raise ModelError(f"{self._name}: the model sent a tool call without a name")
+        if block.pieces:
+            arguments = parse_arguments("".join(block.pieces))
+        else:
+            # No deltas: the whole input (usually {}) came with content_block_start.
+            arguments = block.input if isinstance(block.input, dict) else {}
+        return ToolCallRequest(id=block.id, name=block.name, arguments=arguments)
+
+
+class AnthropicModel:
+    """A Claude model behind Anthropic's ``/v1/messages`` endpoint, streamed."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        max_tokens: int = 4096,
+        timeout: float = 120.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.model = model
+        self.name = f"anthropic:{model}"
+        self.max_tokens = max_tokens
+        base = base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL
+        self.base_url = base.rstrip("/")
+        api_key = api_key or os.environ.get("ANTHROPIC_API_KEY")
+        headers = {
+            "accept": "text/event-stream",
+            "content-type": "application/json",
+            "anthropic-version": API_VERSION,
+        }
+        # A gateway in front of the API may hold the key itself: then send none.
+        if api_key:
+            headers["x-api-key"] = api_key
+        self._url = f"{self.base_url}/v1/messages"
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            limits=_LIMITS,
+            transport=transport,
+        )
+
+    def request_body(self, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> bytes:
+        """The JSON body of one streaming request."""
+        system, converted = anthropic_messages(messages)
+        body: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "messages": converted,
+            "stream": True,
+        }
+        if system:
+            body["system"] = system
+        if tools:
+            body["tools"] = anthropic_tools(tools)
+        return orjson.dumps(body)
+
+    def stream(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+    ) -> AsyncGenerator[ModelEvent, None]:
+        """Stream one model turn: text deltas, tool calls as their blocks end, then usage."""
+        body = self.request_body(messages, tools)
+        reader = MessagesReader(self.name)
+        return stream_events(self._client, self._url, body, reader, self.name)
+
+    async def aclose(self) -> None:
+        """Close the HTTP client and its pooled connections."""
+        await self._client.aclose()

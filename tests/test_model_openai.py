@@ -1,0 +1,385 @@
+"""OpenAIModel against a fake Chat Completions server over real loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import aclosing
+from typing import Any
+
+import pytest
+
+from chatstream.errors import ModelError
+from chatstream.messages import Message, ToolCallRequest, assistant, tool_result, user
+from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
+from chatstream.models.openai import ChatCompletionsReader, OpenAIModel
+from tests.fakes.openai_upstream import Call, Completion, FakeOpenAI, HTTPError, Raw, sse
+
+WEATHER = ToolSpec(
+    "get_weather",
+    "Current weather for a place.",
+    {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]},
+)
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as fake:
+        yield fake
+    assert fake.errors == []
+
+
+@pytest.fixture
+async def model(upstream: FakeOpenAI) -> AsyncIterator[OpenAIModel]:
+    model = OpenAIModel("gpt-test", base_url=upstream.url, api_key="sk-test")
+    yield model
+    await model.aclose()
+
+
+async def collect(
+    model: OpenAIModel,
+    messages: Sequence[Message] = (user("hi"),),
+    tools: Sequence[ToolSpec] = (),
+) -> list[ModelEvent]:
+    async with aclosing(model.stream(messages, tools)) as events:  # type: ignore[type-var]
+        return [event async for event in events]
+
+
+async def collect_until_error(model: OpenAIModel) -> tuple[list[ModelEvent], ModelError]:
+    seen: list[ModelEvent] = []
+    with pytest.raises(ModelError) as caught:
+        async with aclosing(model.stream([user("hi")], [])) as events:  # type: ignore[type-var]
+            async for event in events:
+                seen.append(event)
+    return seen, caught.value
+
+
+async def test_text_streams_as_deltas_in_order_then_usage(
+    upstream: FakeOpenAI, model: OpenAIModel
+) -> None:
+    upstream.enqueue(Completion(text=["Hel", "lo", ", wor", "ld 🌍"], usage=(12, 4)))
+
+    assert await collect(model) == [
+        TextDelta("Hel"),
+        TextDelta("lo"),
+        TextDelta(", wor"),
+        TextDelta("ld 🌍"),
+        Usage(prompt_tokens=12, completion_tokens=4),
+    ]
+
+
+@pytest.mark.parametrize("interleave", [False, True], ids=["sequential", "interleaved"])
+async def test_parallel_fragmented_tool_calls_are_assembled_by_index(
+    upstream: FakeOpenAI, model: OpenAIModel, interleave: bool
+) -> None:
+    upstream.enqueue(
+        Completion(
+            text=["Let me check."],
+            tool_calls=[
+                Call("get_weather", {"location": "Seoul, KR"}, id="call_a", fragments=5),
+                Call("get_weather", {"location": "Busan"}, id="call_b", fragments=4),
+            ],
+            interleave=interleave,
+            usage=(30, 20),
+        )
+    )
+
+    assert await collect(model, tools=[WEATHER]) == [
+        TextDelta("Let me check."),
+        ToolCallRequest("call_a", "get_weather", {"location": "Seoul, KR"}),
+        ToolCallRequest("call_b", "get_weather", {"location": "Busan"}),
+        Usage(prompt_tokens=30, completion_tokens=20),
+    ]
+
+
+async def test_tool_arguments_that_are_not_a_json_object_are_passed_raw(
+    upstream: FakeOpenAI, model: OpenAIModel
+) -> None:
+    upstream.enqueue(
+        Completion(
+            tool_calls=[
+                Call("calculate", '{"expression": "1+', id="call_1"),
+                Call("get_current_time", "", id="call_2"),
+                Call("calculate", "[1, 2]", id="call_3"),
+            ]
+        )
+    )
+
+    calls = [e for e in await collect(model) if isinstance(e, ToolCallRequest)]
+
+    assert [c.arguments for c in calls] == [
+        {"_raw": '{"expression": "1+'},
+        {},
+        {"_raw": "[1, 2]"},
+    ]
+
+
+async def test_request_body_carries_converted_history_tools_and_stream_options(
+    upstream: FakeOpenAI, model: OpenAIModel
+) -> None:
+    call = ToolCallRequest("call_1", "get_weather", {"location": "Seoul"})
+    history = [
+        Message(role="system", content="Be brief."),
+        user("Weather in Seoul?"),
+        assistant("", tool_calls=(call,)),
+        tool_result(call, "unknown place", is_error=True),
+        assistant("It is sunny and", interrupted=True),
+        user("Go on"),
+    ]
+    upstream.enqueue(Completion(text=["ok"]))
+
+    await collect(model, history, [WEATHER])
+
+    request = upstream.requests[-1]
+    assert (request.method, request.path) == ("POST", "/v1/chat/completions")
+    assert request.headers["authorization"] == "Bearer sk-test"
+    assert request.headers["content-type"] == "application/json"
+    assert request.body == {
+        "model": "gpt-test",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather in Seoul?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"location":"Seoul"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "Error: unknown place"},
+            {
+                "role": "assistant",
+                "content": "It is sunny and\n[This answer was interrupted before it finished.]",
+            },
+            {"role": "user", "content": "Go on"},
+        ],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "Current weather for a place.",
+                    "parameters": WEATHER.parameters,
+                },
+            }
+        ],
+    }
+
+
+async def test_without_key_or_tools_no_authorization_and_no_tools_are_sent(
+    upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_BASE_URL", upstream.url)
+    model = OpenAIModel("llama3")
+    try:
+        events = await collect(model, tools=[])
+    finally:
+        await model.aclose()
+
+    assert model.name == "openai:llama3"
+    assert events[0] == TextDelta("Echo:")  # the fake's default reply, reached through the env
+    request = upstream.requests[-1]
+    assert "authorization" not in request.headers
+    assert "tools" not in request.body
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (401, "Incorrect API key provided: sk-test."),
+        (429, "Rate limit reached for gpt-test."),
+        (500, "The server had an error while processing your request."),
+    ],
+)
+async def test_http_errors_become_model_errors_with_the_upstream_message(
+    upstream: FakeOpenAI, model: OpenAIModel, status: int, message: str
+) -> None:
+    upstream.enqueue(HTTPError(status, message, headers={"retry-after": "7"}))
+
+    seen, error = await collect_until_error(model)
+
+    assert seen == []
+    assert f"HTTP {status}" in str(error)
+    assert message in str(error)
+    assert "retry after 7 s" in str(error)
+    assert error.code == "MODEL_ERROR"
+
+
+async def test_connection_dropped_mid_stream_is_a_model_error_after_the_tokens_so_far(
+    upstream: FakeOpenAI, model: OpenAIModel
+) -> None:
+    upstream.enqueue(Completion(text=["one", " two", " three"], drop_after=2))
+
+    seen, error = await collect_until_error(model)
+
+    assert seen == [TextDelta("one"), TextDelta(" two")]
+    assert "connection lost mid-stream" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (Raw([sse({"choices": [{"index": 0, "delta": {"content": "a"}}]})]), "ended before"),
+        (Raw([b"data: {not json\n\n"]), "malformed event"),
+        (Completion(text=["a"], error="The model is overloaded."), "The model is overloaded."),
+        (Raw([b'{"error": {"message": "nope"}}'], content_type="application/json"), "nope"),
+    ],
+    ids=["closed-without-finish", "malformed-json", "error-in-stream", "not-an-event-stream"],
+)
+async def test_broken_streams_are_model_errors(
+    upstream: FakeOpenAI, model: OpenAIModel, reply: Any, expected: str
+) -> None:
+    upstream.enqueue(reply)
+
+    _, error = await collect_until_error(model)
+
+    assert expected in str(error)
+
+
+async def test_unreachable_server_is_a_model_error() -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    model = OpenAIModel("gpt-test", base_url=f"http://127.0.0.1:{port}/v1", api_key="k")
+    try:
+        _, error = await collect_until_error(model)
+    finally:
+        await model.aclose()
+
+    assert "request failed" in str(error)
+
+
+async def test_finish_without_done_marker_is_accepted(
+    upstream: FakeOpenAI, model: OpenAIModel
+) -> None:
+    upstream.enqueue(Completion(text=["fine"], usage=(1, 1), done=False))
+
+    assert await collect(model) == [TextDelta("fine"), Usage(1, 1)]
+
+
+async def test_tokens_are_yielded_while_the_upstream_is_still_sending(
+    upstream: FakeOpenAI, model: OpenAIModel
+) -> None:
+    upstream.enqueue(Completion(text=["first", " second"], hold_after=1, usage=(1, 2)))
+
+    async with aclosing(model.stream([user("hi")], [])) as events:  # type: ignore[type-var]
+        async with asyncio.timeout(5):
+            first = await anext(events)
+        assert first == TextDelta("first")
+        # The fake sends the rest only once released: the first token came through alone.
+        assert await upstream.wait_for_held()
+        assert not upstream.requests[-1].completed
+        upstream.release()
+        rest = [event async for event in events]
+
+    assert rest == [TextDelta(" second"), Usage(1, 2)]
+    assert await upstream.wait_for(lambda: upstream.requests[-1].completed)
+
+
+async def test_closing_the_stream_closes_the_upstream_connection(
+    upstream: FakeOpenAI, model: OpenAIModel
+) -> None:
+    upstream.enqueue(Completion(text=["first", " second"], hold_after=1))
+
+    async with aclosing(model.stream([user("hi")], [])) as events:  # type: ignore[type-var]
+        assert await anext(events) == TextDelta("first")
+
+    assert await upstream.wait_for_disconnect(within=2)
+    assert upstream.requests[-1].disconnected
+
+
+async def test_cancelling_the_consumer_task_closes_the_upstream_connection(
+    upstream: FakeOpenAI, model: OpenAIModel
+) -> None:
+    upstream.enqueue(Completion(text=["first", " second"], hold_after=1))
+    seen: list[ModelEvent] = []
+
+    async def consume() -> None:
+        async with aclosing(model.stream([user("hi")], [])) as events:  # type: ignore[type-var]
+            async for event in events:
+                seen.append(event)
+
+    task = asyncio.create_task(consume())
+    assert await upstream.wait_for_held()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert seen == [TextDelta("first")]
+    assert await upstream.wait_for_disconnect(within=2)
+
+
+async def test_connection_is_reused_across_turns(upstream: FakeOpenAI, model: OpenAIModel) -> None:
+    upstream.enqueue(Completion(text=["a"]), Completion(text=["b"]), Completion(text=["c"]))
+
+    for _ in range(3):
+        await collect(model)
+
+    assert upstream.connections == 1
+
+
+async def test_the_fake_speaks_what_the_official_sdk_reads(upstream: FakeOpenAI) -> None:
+    openai = pytest.importorskip("openai")
+    upstream.enqueue(
+        Completion(
+            text=["Hi"],
+            tool_calls=[Call("get_weather", {"location": "Seoul"}, id="call_x")],
+            usage=(5, 3),
+        )
+    )
+    client = openai.AsyncOpenAI(base_url=upstream.url, api_key="sk-test", max_retries=0)
+    try:
+        stream = await client.chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+    finally:
+        await client.close()
+
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    fragments = [f for c in chunks if c.choices for f in (c.choices[0].delta.tool_calls or [])]
+    assert text == "Hi"
+    assert fragments[0].id == "call_x"
+    assert "".join(f.function.arguments or "" for f in fragments) == '{"location":"Seoul"}'
+    assert chunks[-1].usage.prompt_tokens == 5
+
+
+async def test_events_cut_at_any_byte_and_crlf_line_ends_are_read_alike(
+    upstream: FakeOpenAI, model: OpenAIModel
+) -> None:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return sse({"choices": [choice]}).replace(b"\n", b"\r\n")
+
+    body = b"".join(
+        [
+            b": keep-alive comment\r\n\r\n",
+            chunk({"role": "assistant", "content": ""}),
+            chunk({"content": "Grüße "}),
+            chunk({"content": "🌍"}),
+            chunk({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "f"}}]}),
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"a": "é"}'}}]}),
+            chunk({}, "tool_calls"),
+            b"data: [DONE]\r\n\r\n",
+        ]
+    )
+    expected = [TextDelta("Grüße "), TextDelta("🌍"), ToolCallRequest("call_1", "f", {"a": "é"})]
+    # Over the wire, in three-byte chunks (TCP may join some of them again)...
+    upstream.enqueue(Raw([body[i : i + 3] for i in range(0, len(body), 3)]))
+    assert await collect(model) == expected
+    # ...and straight into the reader one byte at a time: lines, events and UTF-8
+    # characters all fall across reads.
+    reader = ChatCompletionsReader("openai:test")
+    events = [event for i in range(len(body)) for event in reader.feed(body[i : i + 1])]
+    assert (events, reader.done, reader.error) == (expected, True, None)
