@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from chatstream.config import Settings
+from tests.support.redis import RedisServer, redis_server
 from tests.support.server import LiveServer, live_server
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -53,3 +54,17 @@ def server(settings: Settings) -> Iterator[LiveServer]:
 async def client(server: LiveServer) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
         yield http
+
+
+@pytest.fixture(scope="session")
+def redis_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One Redis for the whole run (REDIS_URL, or a redis-server the suite starts)."""
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_instance: RedisServer) -> str:
+    """A Redis database emptied for this test."""
+    redis_instance.flush()
+    return redis_instance.url

@@ -111,9 +111,12 @@ def chat(
     session: Annotated[
         str | None, typer.Option(help="Continue this session id (default: a new one).")
     ] = None,
-    no_tools: Annotated[bool, typer.Option("--no-tools", help="Do not let the model use tools.")] = False,
+    no_tools: Annotated[
+        bool, typer.Option("--no-tools", help="Do not let the model use tools.")
+    ] = False,
     api_key: Annotated[
-        str | None, typer.Option(envvar="CHATSTREAM_API_KEY", help="API key, when the server wants one.")
+        str | None,
+        typer.Option(envvar="CHATSTREAM_API_KEY", help="API key, when the server wants one."),
     ] = None,
 ) -> None:
     """Chat in the terminal: tokens as they come, a live line per running tool.

@@ -25,6 +25,7 @@ class Settings:
     run_ttl_s: float = 300.0
     run_log_max_events: int = 50_000
     shutdown_grace_s: float = 10.0
+    lock_ttl_s: float = 10.0
     # Turns
     max_tool_rounds: int = 5
     tool_timeout_s: float = 20.0

@@ -23,7 +23,9 @@ import enum
 import logging
 import secrets
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 from chatstream import messages as m
 from chatstream.agent import Agent, Turn
@@ -32,7 +34,11 @@ from chatstream.errors import ChatstreamError, ModelError, RequestError
 from chatstream.events import Done, Error, Event, Token, encode, encode_token
 from chatstream.store.base import SessionStore
 
+if TYPE_CHECKING:
+    from chatstream.cluster import Cluster
+
 log = logging.getLogger("chatstream.runs")
+T = TypeVar("T")
 
 
 class RunState(enum.StrEnum):
@@ -68,10 +74,21 @@ class Subscriber:
 
 
 class Run:
-    """One turn's event log, state and subscribers."""
+    """One turn's event log, state and subscribers.
+
+    A run that another instance executes is seen here as a *replica*: the same
+    object, fed with frames read from the shared store, whose log starts after
+    ``first_seq`` (the point the resuming client asked for).
+    """
 
     def __init__(
-        self, run_id: str, session_id: str, *, max_events: int, resume_grace_s: float
+        self,
+        run_id: str,
+        session_id: str,
+        *,
+        max_events: int,
+        resume_grace_s: float,
+        first_seq: int = 0,
     ) -> None:
         self.id = run_id
         self.session_id = session_id
@@ -81,7 +98,11 @@ class Run:
         self.task: asyncio.Task[None] | None = None
         self.stop_reason: StopReason | None = None
         self._frames: list[bytes] = []
+        self._offset = first_seq
         self._subscribers: set[Subscriber] = set()
+        # Internal readers (the shared-store mirror): they wake like subscribers but
+        # do not keep a run alive for the grace period.
+        self._followers: set[Subscriber] = set()
         self._max_events = max_events
         self._resume_grace_s = resume_grace_s
         self._grace_timer: asyncio.TimerHandle | None = None
@@ -93,23 +114,30 @@ class Run:
 
     @property
     def last_seq(self) -> int:
-        return len(self._frames)
+        return self._offset + len(self._frames)
 
     @property
     def finished(self) -> bool:
         return self.state is not RunState.RUNNING
 
     def append(self, event: Event) -> None:
-        """Encode ``event`` once, add it to the log, and wake every subscriber."""
-        seq = len(self._frames) + 1
-        event_id = f"{self.id}:{seq}"
+        """Encode ``event`` once, add it to the log, and wake every reader."""
+        self.append_frame(self.encode_next(event))
+
+    def encode_next(self, event: Event) -> bytes:
+        """``event`` as the frame that would be appended next."""
+        event_id = f"{self.id}:{self.last_seq + 1}"
         if type(event) is Token:
-            frame = encode_token(event.content, event_id=event_id)
-        else:
-            frame = encode(event, event_id=event_id)
+            return encode_token(event.content, event_id=event_id)
+        return encode(event, event_id=event_id)
+
+    def append_frame(self, frame: bytes) -> None:
+        """Add an encoded frame (the next seq) and wake every reader."""
         self._frames.append(frame)
         for subscriber in self._subscribers:
             subscriber.wake.set()
+        for follower in self._followers:
+            follower.wake.set()
 
     @property
     def full(self) -> bool:
@@ -122,16 +150,26 @@ class Run:
         subscriber.cursor = len(self._frames)
         return frames
 
+    def seq_of(self, subscriber: Subscriber) -> int:
+        """The seq of the last frame the subscriber has read."""
+        return self._offset + subscriber.cursor
+
     def delivered(self, subscriber: Subscriber) -> bool:
         """True once the subscriber has read the terminal event."""
         return self.finished and subscriber.cursor >= len(self._frames)
 
     def finish(self, event: Done | Error, state: RunState) -> None:
+        """Append the terminal event and mark the run over."""
         self.append(event)
+        self.mark_finished(state)
+
+    def mark_finished(self, state: RunState) -> None:
+        """Mark the run over; its terminal frame is already in the log."""
         self.state = state
         self.finished_at = time.time()
         self._cancel_grace_timer()
         self._finished.set()
+        self.wake_followers()
 
     async def wait_finished(self) -> None:
         await self._finished.wait()
@@ -141,9 +179,22 @@ class Run:
     def subscribe(self, after_seq: int = 0) -> Subscriber:
         """Follow the log from just after ``after_seq``."""
         self._cancel_grace_timer()
-        subscriber = Subscriber(min(max(after_seq, 0), len(self._frames)))
+        subscriber = Subscriber(min(max(after_seq - self._offset, 0), len(self._frames)))
         self._subscribers.add(subscriber)
         return subscriber
+
+    def follow(self) -> Subscriber:
+        """An internal reader from the start of the log; it does not count as a subscriber."""
+        follower = Subscriber(0)
+        self._followers.add(follower)
+        return follower
+
+    def unfollow(self, follower: Subscriber) -> None:
+        self._followers.discard(follower)
+
+    def wake_followers(self) -> None:
+        for follower in self._followers:
+            follower.wake.set()
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.discard(subscriber)
@@ -176,6 +227,15 @@ class Run:
             self._grace_timer = None
 
 
+def frame_event(frame: bytes) -> bytes:
+    """The event type of an encoded frame (its second line is ``event: <type>``)."""
+    start = frame.index(b"\nevent: ") + 8
+    return frame[start : frame.index(b"\n", start)]
+
+
+TERMINAL_FRAMES = (b"done", b"error")
+
+
 def new_run_id() -> str:
     return "run_" + secrets.token_hex(8)
 
@@ -184,13 +244,34 @@ def new_session_id() -> str:
     return "s_" + secrets.token_hex(8)
 
 
-class RunManager:
-    """Starts, finds, cancels and drains the runs of one server process."""
+@dataclass(frozen=True, slots=True)
+class RunStatus:
+    """What the API says about a run."""
 
-    def __init__(self, *, agent: Agent, store: SessionStore, settings: Settings) -> None:
+    run_id: str
+    session_id: str
+    state: str
+    last_seq: int
+    cancelled: bool | None = None
+
+
+class RunManager:
+    """Starts, finds, cancels and drains runs: this process's, and with a cluster, all of them."""
+
+    def __init__(
+        self,
+        *,
+        agent: Agent,
+        store: SessionStore,
+        settings: Settings,
+        cluster: Cluster | None = None,
+    ) -> None:
         self.agent = agent
         self.store = store
         self.settings = settings
+        self.cluster = cluster
+        if cluster is not None:
+            cluster.listen_for_cancels(lambda run_id: self.cancel_local(run_id, STOPPED))
         self.accepting = True
         self._runs: dict[str, Run] = {}
         self._active: dict[str, Run] = {}
@@ -201,10 +282,33 @@ class RunManager:
         return len(self._active)
 
     def get(self, run_id: str) -> Run | None:
+        """A run this process executes (or executed, until it expires)."""
         return self._runs.get(run_id)
 
     def active_run(self, session_id: str) -> Run | None:
         return self._active.get(session_id)
+
+    async def find(self, run_id: str, after_seq: int = 0) -> Run | None:
+        """A run to read from ``after_seq`` on: local, or a replica of another instance's."""
+        run = self._runs.get(run_id)
+        if run is None and self.cluster is not None:
+            run = await self._shared(self.cluster.replica(run_id, after_seq))
+        return run
+
+    async def active_run_id(self, session_id: str) -> str | None:
+        """The run busy in a session, on any instance."""
+        run = self._active.get(session_id)
+        if run is not None:
+            return run.id
+        if self.cluster is not None:
+            return await self._shared(self.cluster.holder(session_id))
+        return None
+
+    async def _shared(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except ChatstreamError as exc:
+            raise RequestError(503, "STORE_UNAVAILABLE", exc.message) from exc
 
     async def start(self, session_id: str, message: str, *, enable_tools: bool = True) -> Run:
         """Start a turn in a session; refuse when that session already has one running."""
@@ -232,16 +336,29 @@ class RunManager:
         self._active[session_id] = run
         self._runs[run.id] = run
         try:
+            if self.cluster is not None:
+                holder = await self.cluster.claim(run)
+                if holder is not None:
+                    raise RequestError(
+                        409,
+                        "SESSION_BUSY",
+                        f"Session {session_id!r} already has a turn running (run {holder}); "
+                        "wait for it, resume it or cancel it.",
+                    )
             session = await self.store.load(session_id)
-        except ChatstreamError as exc:
+        except (ChatstreamError, RequestError) as exc:
             self._release(run)
             self._runs.pop(run.id, None)
+            if isinstance(exc, RequestError):
+                raise
             raise RequestError(503, "STORE_UNAVAILABLE", exc.message) from exc
         history = session.messages if session else ()
         turn = Turn(m.user(message))
         run.task = asyncio.create_task(
             self._drive(run, history, turn, enable_tools), name=f"chatstream-{run.id}"
         )
+        if self.cluster is not None:
+            self.cluster.attach(run)
         return run
 
     async def _drive(
@@ -277,20 +394,28 @@ class RunManager:
         self, run: Run, turn: Turn, outcome: Error | None, state: RunState
     ) -> None:
         run.stoppable = False
+        terminal: Done | Error
         try:
             session = await self.store.append(run.session_id, turn.to_store())
         except Exception as exc:
             log.exception("run %s: storing the turn failed", run.id)
-            run.finish(
-                Error("INTERNAL_ERROR", f"The turn could not be saved: {exc}"), RunState.FAILED
-            )
+            terminal = Error("INTERNAL_ERROR", f"The turn could not be saved: {exc}")
+            state = RunState.FAILED
         else:
             if outcome is None:
-                done = Done(run.session_id, session.history_length, run.id, turn.usage)
-                run.finish(done, RunState.DONE)
+                terminal = Done(run.session_id, session.history_length, run.id, turn.usage)
+                state = RunState.DONE
             else:
-                run.finish(outcome, state)
+                terminal = outcome
+        frame = run.encode_next(terminal)
+        try:
+            if self.cluster is not None:
+                # Shared state first: a client that sends its next turn the moment it
+                # reads ``done`` must find the session free on every instance.
+                await self.cluster.finish(run, frame, state)
         finally:
+            run.append_frame(frame)
+            run.mark_finished(state)
             self._release(run)
             loop = asyncio.get_running_loop()
             self._expiry[run.id] = loop.call_later(self.settings.run_ttl_s, self._expire, run.id)
@@ -303,12 +428,50 @@ class RunManager:
         self._expiry.pop(run_id, None)
         self._runs.pop(run_id, None)
 
-    def cancel(self, run_id: str, reason: StopReason = STOPPED) -> Run | None:
-        """Stop a run at once; None when no such run is known."""
+    def cancel_local(self, run_id: str, reason: StopReason = STOPPED) -> Run | None:
+        """Stop a run this process executes; None when it executes no such run."""
         run = self._runs.get(run_id)
         if run is not None:
             run.cancel(reason)
         return run
+
+    async def cancel(self, run_id: str) -> RunStatus | None:
+        """Stop a run wherever it runs and wait for its end; None when no such run is known."""
+        run = self._runs.get(run_id)
+        if run is not None:
+            cancelled = run.cancel(STOPPED)
+            if cancelled:
+                await run.wait_finished()
+            return RunStatus(run.id, run.session_id, run.state.value, run.last_seq, cancelled)
+        if self.cluster is None:
+            return None
+        info = await self._shared(self.cluster.info(run_id))
+        if info is None:
+            return None
+        cancelled = info["state"] == "running"
+        if cancelled:
+            await self._shared(self.cluster.request_cancel(run_id))
+            deadline = time.monotonic() + 10
+            while info is not None and info["state"] == "running" and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                info = await self._shared(self.cluster.info(run_id))
+        if info is None:
+            return None
+        return RunStatus(
+            run_id, info["session"], info["state"], int(info.get("last_seq", 0)), cancelled
+        )
+
+    async def status(self, run_id: str) -> RunStatus | None:
+        """A run's state, wherever it runs."""
+        run = self._runs.get(run_id)
+        if run is not None:
+            return RunStatus(run.id, run.session_id, run.state.value, run.last_seq)
+        if self.cluster is None:
+            return None
+        info = await self._shared(self.cluster.info(run_id))
+        if info is None:
+            return None
+        return RunStatus(run_id, info["session"], info["state"], int(info.get("last_seq", 0)))
 
     async def drain(self, deadline_s: float) -> None:
         """Take no new turns; let running ones finish up to the deadline; cancel the rest."""

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
+from starlette.staticfiles import StaticFiles
 
 from chatstream import __version__
 from chatstream.agent import Agent
+from chatstream.cluster import Cluster
 from chatstream.config import Settings
 from chatstream.models import Model, resolve
 from chatstream.runs import RunManager
@@ -40,6 +42,15 @@ class Runtime:
         await self.runs.drain(self.settings.shutdown_grace_s)
 
 
+def open_cluster(settings: Settings) -> Cluster | None:
+    """Shared runs and locks when the store is Redis; None for a single-instance store."""
+    if not settings.store.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    from chatstream.cluster import Cluster
+
+    return Cluster.from_url(settings.store, settings)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the model and store are opened when it starts."""
     settings = settings or Settings.from_env()
@@ -48,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model = resolve(settings.model)
         store = await open_store(settings.store)
+        cluster = open_cluster(settings)
         tools = default_tools()
         agent = Agent(
             model,
@@ -61,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             model=model,
             store=store,
             agent=agent,
-            runs=RunManager(agent=agent, store=store, settings=settings),
+            runs=RunManager(agent=agent, store=store, settings=settings, cluster=cluster),
             started_at=time.monotonic(),
         )
         app.state.runtime = runtime
@@ -76,6 +88,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await runtime.runs.close()
+            if cluster is not None:
+                await cluster.close()
             await model.aclose()
             await store.close()
 
@@ -87,6 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.include_router(routes.router)
+    # The chat page's scripts and styles (GET / serves its index.html).
+    app.mount("/static", StaticFiles(directory=routes.STATIC), name="static")
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

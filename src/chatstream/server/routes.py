@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse
 from chatstream import __version__
 from chatstream.errors import RequestError
 from chatstream.events import Done, Error, FrameDecoder, Token, ToolCall, ToolResult, parse_event
-from chatstream.runs import STOPPED, Run, new_session_id
+from chatstream.runs import Run, RunStatus, new_session_id
 from chatstream.server.app_state import runtime_of
 from chatstream.server.schemas import (
     ChatRequest,
@@ -108,7 +108,7 @@ async def _stream(
     runtime = runtime_of(request)
     settings = runtime.settings
     if last_event_id:
-        run, after = _resumable(request, last_event_id)
+        run, after = await _resumable(request, last_event_id)
         if run is None:
             return Response(status_code=204)
     else:
@@ -142,15 +142,15 @@ def _validate_turn(message: str | None, session_id: str | None, max_chars: int) 
     return message, session_id
 
 
-def _resumable(request: Request, last_event_id: str) -> tuple[Run | None, int]:
+async def _resumable(request: Request, last_event_id: str) -> tuple[Run | None, int]:
     """The run to resume and the seq to resume after; None when nothing is left to send."""
     match = EVENT_ID.fullmatch(last_event_id.strip())
     if match is None:
         raise RequestError(
             400, "INVALID_REQUEST", "`Last-Event-ID` must look like <runId>:<seq>, as sent."
         )
-    run = runtime_of(request).runs.get(match.group(1))
     seq = int(match.group(2))
+    run = await runtime_of(request).runs.find(match.group(1), seq)
     if run is None or (run.finished and seq >= run.last_seq):
         return None, seq
     return run, seq
@@ -167,14 +167,10 @@ def _resumable(request: Request, last_event_id: str) -> tuple[Run | None, int]:
     tags=["chat"],
 )
 async def cancel_run(request: Request, run_id: str) -> RunOut:
-    runs = runtime_of(request).runs
-    run = runs.get(run_id)
-    if run is None:
+    status = await runtime_of(request).runs.cancel(run_id)
+    if status is None:
         raise RequestError(404, "RUN_NOT_FOUND", f"No run {run_id!r} is known (or it expired).")
-    cancelled = run.cancel(STOPPED)
-    if cancelled:
-        await run.wait_finished()
-    return _run_out(run, cancelled=cancelled)
+    return _run_out(status)
 
 
 @router.get(
@@ -185,19 +181,19 @@ async def cancel_run(request: Request, run_id: str) -> RunOut:
     tags=["chat"],
 )
 async def get_run(request: Request, run_id: str) -> RunOut:
-    run = runtime_of(request).runs.get(run_id)
-    if run is None:
+    status = await runtime_of(request).runs.status(run_id)
+    if status is None:
         raise RequestError(404, "RUN_NOT_FOUND", f"No run {run_id!r} is known (or it expired).")
-    return _run_out(run)
+    return _run_out(status)
 
 
-def _run_out(run: Run, *, cancelled: bool | None = None) -> RunOut:
+def _run_out(status: RunStatus) -> RunOut:
     return RunOut(
-        runId=run.id,
-        sessionId=run.session_id,
-        state=run.state.value,
-        lastSeq=run.last_seq,
-        cancelled=cancelled,
+        runId=status.run_id,
+        sessionId=status.session_id,
+        state=status.state,
+        lastSeq=status.last_seq,
+        cancelled=status.cancelled,
     )
 
 
@@ -294,20 +290,20 @@ async def list_sessions(
 async def get_session(request: Request, session_id: str) -> SessionOut:
     runtime = runtime_of(request)
     session = await runtime.store.load(session_id)
-    active = runtime.runs.active_run(session_id)
+    active = await runtime.runs.active_run_id(session_id)
     if session is None:
         if active is None:
             raise RequestError(404, "SESSION_NOT_FOUND", f"No session {session_id!r}.")
         # The first turn is still running: the session exists but holds nothing yet.
-        now = time.time()
+        now = _iso(time.time())
         return SessionOut(
             sessionId=session_id,
             messages=[],
-            createdAt=_iso(active.created_at),
-            lastActivity=_iso(now),
+            createdAt=now,
+            lastActivity=now,
             messageCount=0,
             historyLength=0,
-            activeRunId=active.id,
+            activeRunId=active,
         )
     return SessionOut(
         sessionId=session.id,
@@ -316,7 +312,7 @@ async def get_session(request: Request, session_id: str) -> SessionOut:
         lastActivity=_iso(session.last_activity),
         messageCount=len(session.messages),
         historyLength=session.history_length,
-        activeRunId=active.id if active else None,
+        activeRunId=active,
     )
 
 
@@ -332,10 +328,10 @@ async def get_session(request: Request, session_id: str) -> SessionOut:
 )
 async def delete_session(request: Request, session_id: str) -> DeletedOut:
     runtime = runtime_of(request)
-    active = runtime.runs.active_run(session_id)
+    active = await runtime.runs.active_run_id(session_id)
     if active is not None:
         raise RequestError(
-            409, "SESSION_BUSY", f"Session {session_id!r} has a turn running (run {active.id})."
+            409, "SESSION_BUSY", f"Session {session_id!r} has a turn running (run {active})."
         )
     if not await runtime.store.delete(session_id):
         raise RequestError(404, "SESSION_NOT_FOUND", f"No session {session_id!r}.")

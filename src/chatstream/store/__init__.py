@@ -17,7 +17,13 @@ async def open_store(url: str) -> SessionStore:
         from chatstream.store.sqlite import SQLiteStore
 
         return await SQLiteStore.open(":memory:")
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        try:
+            from chatstream.store.redis import RedisStore
+        except ImportError as exc:
+            raise ValueError(f"a redis:// store needs redis-py ({exc})") from None
+        return await RedisStore.open(url)
     scheme = url.partition(":")[0]
     raise ValueError(
-        f"unsupported store URL {url!r} (scheme {scheme!r}); use sqlite:///path/to/file.db"
+        f"unsupported store URL {url!r} (scheme {scheme!r}); use sqlite:///path/to/file.db or redis://host:port/db"
     )
