@@ -9,6 +9,7 @@ import httpx
 import orjson
 
 from chatstream.config import Settings
+from tests.fakes.open_meteo import run_fake_open_meteo
 from tests.support.server import LiveServer, live_server
 from tests.support.sse import Streamed, stream
 
@@ -217,3 +218,68 @@ async def test_the_raw_frames_follow_the_contract(client: httpx.AsyncClient) -> 
     first_frame = rest.split(b"\n\n")[0]
     assert first_frame == (f"id: {run_id}:1\nevent: token\n".encode() + b'data: {"content":"1 "}')
     assert orjson.loads(result.frames[-1].data)["runId"] == run_id
+
+
+async def test_the_seed_example_streams_weather_then_conversion(settings: Settings) -> None:
+    with run_fake_open_meteo() as weather:
+        live_settings = settings.with_(
+            weather_geocoding_url=weather.geocoding_url,
+            weather_forecast_url=weather.forecast_url,
+        )
+        with live_server(live_settings) as live:
+            async with httpx.AsyncClient(base_url=live.url, timeout=30) as http:
+                result = await stream(
+                    http,
+                    "POST",
+                    "/api/chat/stream",
+                    json={
+                        "message": "서울의 날씨를 알려주고 섭씨를 화씨로 변환해줘",
+                        "sessionId": "user-123",
+                        "enableTools": True,
+                    },
+                )
+                session = (await http.get("/api/chat/sessions/user-123")).json()
+    assert_well_formed(result)
+    steps = [t for t in result.types if t != "token"]
+    assert steps == [
+        "tool_call", "tool_progress", "tool_progress", "tool_progress", "tool_result",
+        "tool_call", "tool_progress", "tool_result",
+        "done",
+    ]  # fmt: skip
+    assert result.types[-2] == "token"
+    weather_call, convert_call = result.of("tool_call")
+    assert weather_call["tool"] == "get_weather" and weather_call["args"] == {"location": "Seoul"}
+    progress = [p for p in result.of("tool_progress") if p["id"] == weather_call["id"]]
+    assert [p["progress"] for p in progress] == sorted(p["progress"] for p in progress)
+    weather_result, convert_result = result.of("tool_result")
+    assert weather_result["isError"] is False and "Seoul" in weather_result["result"]
+    assert convert_call["tool"] == "convert_temperature"
+    assert convert_call["args"]["from_unit"] == "C" and convert_call["args"]["to_unit"] == "F"
+    assert "°F" in convert_result["result"]
+    assert result.text.startswith("결과입니다: ")
+    assert convert_result["result"] in result.text
+    assert result.data[-1]["historyLength"] == 2
+    # Tool calls and results are stored beside the two counted messages.
+    roles = [m["role"] for m in session["messages"]]
+    assert roles == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
+    assert session["messages"][1]["toolCalls"][0]["tool"] == "get_weather"
+    assert session["messages"][2]["toolCallId"] == weather_call["id"]
+
+
+async def test_a_tool_that_times_out_is_an_error_result(settings: Settings) -> None:
+    with run_fake_open_meteo(delay_s=3.0) as weather:
+        live_settings = settings.with_(
+            weather_geocoding_url=weather.geocoding_url,
+            weather_forecast_url=weather.forecast_url,
+            tool_timeout_s=0.5,
+        )
+        with live_server(live_settings) as live:
+            async with httpx.AsyncClient(base_url=live.url, timeout=30) as http:
+                result = await stream(
+                    http, "GET", "/api/chat/stream", params={"message": "weather in Tokyo"}
+                )
+    assert_well_formed(result)
+    tool_result = result.of("tool_result")[0]
+    assert tool_result["isError"] is True
+    assert "timed out" in tool_result["result"]
+    assert result.types[-1] == "done"
