@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import sys
 from typing import Annotated, Any
 
 import typer
 import uvicorn
 
-from chatstream import __version__
+from chatstream import __version__, logs
 from chatstream.config import Settings
 
 app = typer.Typer(
@@ -73,16 +71,16 @@ def serve(
     log_level: Annotated[
         str, typer.Option(envvar="CHATSTREAM_LOG_LEVEL", help="debug, info, warning or error")
     ] = "info",
+    log_format: Annotated[
+        str, typer.Option(envvar="CHATSTREAM_LOG_FORMAT", help="text, or json (one object a line)")
+    ] = "text",
 ) -> None:
     """Run the HTTP server. Every other setting reads a CHATSTREAM_* variable (see the README)."""
     from chatstream.server.app import create_app
 
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S%z",
-        stream=sys.stderr,
-    )
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter("use text or json", param_hint="--log-format")
+    logs.configure(log_level, log_format)
     try:
         settings = Settings.from_env(host=host, port=port, model=model, store=store)
     except ValueError as exc:
@@ -93,6 +91,7 @@ def serve(
         host=settings.host,
         port=settings.port,
         log_level=log_level.lower(),
+        log_config=None,  # keep the handlers logs.configure set up
         access_log=False,  # chatstream.http logs each request once, with more detail
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
         lifespan="on",

@@ -31,7 +31,8 @@ from chatstream import messages as m
 from chatstream.agent import Agent, Turn
 from chatstream.config import Settings
 from chatstream.errors import ChatstreamError, ModelError, RequestError
-from chatstream.events import Done, Error, Event, Token, encode, encode_token
+from chatstream.events import Done, Error, Event, Token, ToolResult, encode, encode_token
+from chatstream.metrics import Metrics
 from chatstream.store.base import SessionStore
 
 if TYPE_CHECKING:
@@ -265,8 +266,11 @@ class RunManager:
         store: SessionStore,
         settings: Settings,
         cluster: Cluster | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.agent = agent
+        self.metrics = metrics or Metrics()
+        self.metrics.track_active_runs(lambda: len(self._active))
         self.store = store
         self.settings = settings
         self.cluster = cluster
@@ -366,9 +370,18 @@ class RunManager:
     ) -> None:
         outcome: Error | None = None
         state = RunState.FAILED
+        metrics = self.metrics
+        started = time.perf_counter()
+        tokens = 0
         try:
             async for event in self.agent.run(history, turn, enable_tools=enable_tools):
                 run.append(event)
+                if type(event) is Token:
+                    tokens += 1
+                    if tokens == 1:
+                        metrics.time_to_first_token.observe(time.perf_counter() - started)
+                elif isinstance(event, ToolResult):
+                    metrics.tool_calls.labels(event.tool, "error" if event.is_error else "ok").inc()
                 if run.full:
                     outcome = Error(
                         "OUTPUT_LIMIT",
@@ -389,6 +402,12 @@ class RunManager:
             log.exception("run %s failed", run.id)
             outcome = Error("INTERNAL_ERROR", f"The turn failed: {type(exc).__name__}")
         await self._store_and_finish(run, turn, outcome, state)
+        metrics.tokens_out.inc(tokens)
+        metrics.turn_duration.observe(time.perf_counter() - started)
+        ending = "done" if run.state is RunState.DONE else (outcome.code if outcome else "failed")
+        metrics.runs.labels(ending.lower()).inc()
+        if outcome is not None and outcome.code == "MODEL_ERROR":
+            metrics.model_errors.inc()
 
     async def _store_and_finish(
         self, run: Run, turn: Turn, outcome: Error | None, state: RunState

@@ -16,6 +16,7 @@ from chatstream import __version__
 from chatstream.agent import Agent
 from chatstream.cluster import Cluster
 from chatstream.config import Settings
+from chatstream.metrics import Metrics
 from chatstream.models import Model, resolve
 from chatstream.runs import RunManager
 from chatstream.server import errors, routes
@@ -35,6 +36,7 @@ class Runtime:
     store: SessionStore
     agent: Agent
     runs: RunManager
+    metrics: Metrics
     started_at: float
 
     async def begin_shutdown(self) -> None:
@@ -68,12 +70,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             tool_timeout_s=settings.tool_timeout_s,
             tool_settings=settings,
         )
+        metrics = Metrics()
         runtime = Runtime(
             settings=settings,
             model=model,
             store=store,
             agent=agent,
-            runs=RunManager(agent=agent, store=store, settings=settings, cluster=cluster),
+            runs=RunManager(
+                agent=agent, store=store, settings=settings, cluster=cluster, metrics=metrics
+            ),
+            metrics=metrics,
             started_at=time.monotonic(),
         )
         app.state.runtime = runtime

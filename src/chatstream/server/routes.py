@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse
 from chatstream import __version__
 from chatstream.errors import RequestError
 from chatstream.events import Done, Error, FrameDecoder, Token, ToolCall, ToolResult, parse_event
+from chatstream.metrics import CONTENT_TYPE
 from chatstream.runs import Run, RunStatus, new_session_id
 from chatstream.server.app_state import runtime_of
 from chatstream.server.schemas import (
@@ -121,6 +122,7 @@ async def _stream(
         heartbeat_s=settings.heartbeat_s,
         retry_ms=settings.retry_ms,
         headers={"X-Session-Id": run.session_id, "X-Run-Id": run.id},
+        open_streams=runtime.metrics.active_streams,
     )
 
 
@@ -365,6 +367,17 @@ async def health(request: Request, response: Response) -> HealthOut:
         activeRuns=runtime.runs.active_count,
         accepting=runtime.runs.accepting,
     )
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    summary="Prometheus metrics",
+    tags=["meta"],
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+async def metrics(request: Request) -> Response:
+    return Response(runtime_of(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.get("/", include_in_schema=False)
