@@ -1,0 +1,566 @@
+"""A Python client for a chatstream server: the stream parsed back into typed events.
+
+``Client`` (blocking) and ``AsyncClient`` (asyncio) have the same methods::
+
+    with Client("http://127.0.0.1:3002") as client:
+        for event in client.stream("What's the weather in Seoul?"):
+            ...
+        result = client.chat("hello")          # ChatResult: text, tool calls and results
+
+A stream whose connection drops before its terminal event is resumed by itself:
+the client asks again with ``Last-Event-ID: <runId>:<seq>``, waits the server's
+``retry:`` between tries (doubling after each try that brought nothing), and
+gives up after ``max_retries`` such tries in a row. No event is yielded twice.
+
+What it raises::
+
+    ClientException            the root of this module's exceptions
+    ├── ClientError            the server refused the request: status, code, message
+    ├── RunFailed              chat() only: the run ended with an `error` event
+    └── ConnectionFailed       the server could not be reached, or a dropped stream
+                               could not be resumed (retries spent, or the run expired)
+
+An ``error`` event is an event like the others while streaming; only ``chat()``
+turns it into ``RunFailed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from chatstream.events import (
+    Done,
+    Error,
+    Event,
+    Frame,
+    FrameDecoder,
+    Token,
+    ToolCall,
+    ToolResult,
+    parse_event,
+)
+
+__all__ = [
+    "AsyncChatStream",
+    "AsyncClient",
+    "ChatResult",
+    "ChatStream",
+    "Client",
+    "ClientError",
+    "ClientException",
+    "ConnectionFailed",
+    "RunFailed",
+]
+
+DEFAULT_URL = "http://127.0.0.1:3002"
+# The server sends a comment every 15 s while a run is quiet, so a read that waits
+# much longer than that means the connection is dead: treat it as a drop and resume.
+DEFAULT_TIMEOUT = httpx.Timeout(10.0, read=60.0)
+DEFAULT_RETRY_S = 3.0
+MAX_RETRY_DELAY_S = 30.0
+STREAM_PATH = "/api/chat/stream"
+# A resume answered with one of these is tried again, like a dropped connection.
+RETRYABLE = frozenset({502, 503, 504})
+
+
+class ClientException(Exception):
+    """Root of the exceptions this module raises."""
+
+
+class ClientError(ClientException):
+    """The server refused the request with a JSON error (``{"error": {code, message}}``)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class RunFailed(ClientException):
+    """The run ended with an ``error`` event; ``text`` is the answer written before it."""
+
+    def __init__(self, code: str, message: str, *, text: str = "", run_id: str | None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.text = text
+        self.run_id = run_id
+
+
+class ConnectionFailed(ClientException):
+    """The server could not be reached, or a dropped stream could not be resumed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    """A finished turn: the answer (the text after the last tool call), its tools, its session."""
+
+    text: str
+    session_id: str
+    run_id: str
+    history_length: int
+    usage: dict[str, int] = field(default_factory=dict)
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_results: tuple[ToolResult, ...] = ()
+
+
+class _Collector:
+    """Folds a stream's events into a ChatResult, the way ``POST /api/chat`` does."""
+
+    def __init__(self) -> None:
+        self.answer: list[str] = []
+        self.calls: list[ToolCall] = []
+        self.results: list[ToolResult] = []
+
+    def add(self, event: Event, run_id: str | None) -> ChatResult | None:
+        if isinstance(event, Token):
+            self.answer.append(event.content)
+        elif isinstance(event, ToolCall):
+            self.calls.append(event)
+            self.answer.clear()  # text written before a tool call is not the answer
+        elif isinstance(event, ToolResult):
+            self.results.append(event)
+        elif isinstance(event, Error):
+            raise RunFailed(event.code, event.message, text="".join(self.answer), run_id=run_id)
+        elif isinstance(event, Done):
+            return ChatResult(
+                text="".join(self.answer),
+                session_id=event.session_id,
+                run_id=event.run_id,
+                history_length=event.history_length,
+                usage=event.usage,
+                tool_calls=tuple(self.calls),
+                tool_results=tuple(self.results),
+            )
+        return None
+
+
+def _split_id(event_id: str) -> tuple[str, int] | None:
+    run_id, sep, seq = event_id.rpartition(":")
+    if not sep or not seq.isdigit():
+        return None
+    return run_id, int(seq)
+
+
+class _Cursor:
+    """Where one stream stands: its run, the last event seen, the retry delay; I/O-free."""
+
+    def __init__(self, *, session_id: str | None, max_retries: int) -> None:
+        self.session_id = session_id
+        self.run_id: str | None = None
+        self.last_seq = 0
+        self.retry_s = DEFAULT_RETRY_S
+        self.max_retries = max_retries
+        self.failures = 0
+        self.resumes = 0
+        self.finished = False
+        self._decoder = FrameDecoder()
+
+    @property
+    def last_event_id(self) -> str | None:
+        return f"{self.run_id}:{self.last_seq}" if self.run_id else None
+
+    def opened(self, response: httpx.Response) -> None:
+        """A 200 answer: learn the run and session, start a fresh decoder."""
+        self.run_id = response.headers.get("x-run-id", self.run_id)
+        self.session_id = response.headers.get("x-session-id", self.session_id)
+        self._decoder = FrameDecoder()
+
+    def frames(self, chunk: bytes) -> list[Frame]:
+        """The frames completed by ``chunk``."""
+        return self._decoder.feed(chunk)
+
+    def accept(self, frame: Frame) -> Event | None:
+        """The frame's event, or None for one already seen (a replay) or after the end."""
+        if frame.retry is not None:
+            self.retry_s = frame.retry / 1000
+        if self.finished:
+            return None
+        if frame.id is not None and (parts := _split_id(frame.id)) is not None:
+            run_id, seq = parts
+            if run_id == self.run_id and seq <= self.last_seq:
+                return None
+            self.run_id, self.last_seq = run_id, seq
+        event = parse_event(frame)
+        self.finished = event.type in ("done", "error")
+        self.failures = 0
+        return event
+
+    def dropped(self, cause: Exception | None) -> float:
+        """The connection ended before the terminal event: the delay before resuming."""
+        if self.run_id is None:
+            raise ConnectionFailed(
+                "the connection dropped before the server named the run, so it cannot be "
+                "resumed" + (f": {cause}" if cause else "")
+            ) from cause
+        self.failures += 1
+        if self.failures > self.max_retries:
+            raise ConnectionFailed(
+                f"run {self.run_id}: the stream dropped and {self.max_retries} attempts to "
+                f"resume it failed" + (f" (last: {cause})" if cause else "")
+            ) from cause
+        self.resumes += 1
+        return float(min(self.retry_s * 2.0 ** (self.failures - 1), MAX_RETRY_DELAY_S))
+
+    def gone(self) -> ConnectionFailed:
+        """A resume answered 204: the server has nothing more for this run."""
+        return ConnectionFailed(
+            f"run {self.run_id} can no longer be resumed (unknown or expired on the server)"
+        )
+
+
+def _turn_body(message: str, session_id: str | None, enable_tools: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"message": message, "enableTools": enable_tools}
+    if session_id is not None:
+        body["sessionId"] = session_id
+    return body
+
+
+def _refusal(response: httpx.Response) -> ClientError:
+    """The ClientError for a non-2xx answer, from its JSON error body when it has one."""
+    code, message = f"HTTP_{response.status_code}", response.reason_phrase
+    try:
+        error = response.json()["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        if response.text.strip():
+            message = response.text.strip()[:300]
+    return ClientError(response.status_code, code, message)
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    headers = {"accept": "application/json"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def _json(response: httpx.Response) -> Any:
+    if response.is_error:
+        raise _refusal(response)
+    return response.json()
+
+
+class _Position:
+    """What a stream knows of where it stands, shared by the blocking and asyncio streams."""
+
+    _cursor: _Cursor
+
+    @property
+    def run_id(self) -> str | None:
+        """The run, once the server has answered."""
+        return self._cursor.run_id
+
+    @property
+    def session_id(self) -> str | None:
+        """The session: the one asked for, or the one the server made."""
+        return self._cursor.session_id
+
+    @property
+    def last_event_id(self) -> str | None:
+        """``<runId>:<seq>`` of the last event yielded: where a resume starts."""
+        return self._cursor.last_event_id
+
+    @property
+    def resumes(self) -> int:
+        """How many times the stream reconnected after a drop."""
+        return self._cursor.resumes
+
+
+# -- blocking -------------------------------------------------------------------
+
+
+class ChatStream(_Position):
+    """The events of one turn, resumed across dropped connections; iterate it once.
+
+    The request is sent when iteration starts. ``run_id``, ``session_id`` and
+    ``last_event_id`` are known once the server has answered.
+    """
+
+    def __init__(self, client: Client, body: dict[str, Any]) -> None:
+        self._client = client
+        self._body = body
+        self._cursor = _Cursor(session_id=body.get("sessionId"), max_retries=client.max_retries)
+        self._events = self._generate()
+
+    def __iter__(self) -> Iterator[Event]:
+        return self
+
+    def __next__(self) -> Event:
+        return next(self._events)
+
+    def close(self) -> None:
+        """Drop the connection (the run goes on on the server; see ``Client.cancel``)."""
+        self._events.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _generate(self) -> Generator[Event, None, None]:
+        http, cursor = self._client._http, self._cursor
+        while True:
+            cause: Exception | None = None
+            if cursor.run_id is None:
+                request = http.build_request("POST", STREAM_PATH, json=self._body)
+            else:
+                headers = {"last-event-id": cursor.last_event_id or ""}
+                request = http.build_request("GET", STREAM_PATH, headers=headers)
+            try:
+                response = http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                if cursor.run_id is None:
+                    raise ConnectionFailed(f"cannot reach {http.base_url}: {exc}") from exc
+                cause = exc
+            else:
+                try:
+                    if response.status_code == 204:
+                        raise cursor.gone()
+                    if response.status_code == 200:
+                        cursor.opened(response)
+                        for chunk in response.iter_bytes():
+                            for frame in cursor.frames(chunk):
+                                if (event := cursor.accept(frame)) is not None:
+                                    yield event
+                            if cursor.finished:
+                                return
+                    else:
+                        response.read()
+                        if cursor.run_id is None or response.status_code not in RETRYABLE:
+                            raise _refusal(response)
+                        cause = _refusal(response)  # a gateway, or a server restarting
+                except httpx.TransportError as exc:
+                    cause = exc
+                finally:
+                    response.close()
+            time.sleep(cursor.dropped(cause))
+
+
+class Client:
+    """A blocking chatstream client; close it, or use it as a context manager."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        max_retries: int = 5,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.max_retries = max_retries
+        self._http = httpx.Client(
+            base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport
+        )
+
+    def stream(
+        self, message: str, *, session_id: str | None = None, enable_tools: bool = True
+    ) -> ChatStream:
+        """Start a turn and stream its events; see ``ChatStream``."""
+        return ChatStream(self, _turn_body(message, session_id, enable_tools))
+
+    def chat(
+        self, message: str, *, session_id: str | None = None, enable_tools: bool = True
+    ) -> ChatResult:
+        """Run a turn over the stream and return its outcome; raise ``RunFailed`` on error."""
+        collector = _Collector()
+        with self.stream(message, session_id=session_id, enable_tools=enable_tools) as events:
+            for event in events:
+                result = collector.add(event, events.run_id)
+                if result is not None:
+                    return result
+        raise ConnectionFailed("the stream ended without a terminal event")
+
+    def cancel(self, run_id: str) -> bool:
+        """Stop a run now; False when it had already finished."""
+        return bool(self._call("POST", f"/api/chat/runs/{run_id}/cancel").get("cancelled"))
+
+    def session(self, session_id: str) -> dict[str, Any]:
+        """A session's messages, as ``GET /api/chat/sessions/{id}`` returns them."""
+        result: dict[str, Any] = self._call("GET", f"/api/chat/sessions/{session_id}")
+        return result
+
+    def delete_session(self, session_id: str) -> None:
+        """Clear a session."""
+        self._call("DELETE", f"/api/chat/sessions/{session_id}")
+
+    def health(self) -> dict[str, Any]:
+        """The server's status, version and model."""
+        result: dict[str, Any] = self._call("GET", "/api/health")
+        return result
+
+    def _call(self, method: str, path: str) -> Any:
+        try:
+            return _json(self._http.request(method, path))
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(f"{method} {path}: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+# -- asyncio --------------------------------------------------------------------
+
+
+class AsyncChatStream(_Position):
+    """The events of one turn, resumed across dropped connections; iterate it once.
+
+    The request is sent when iteration starts; use ``async with`` so that the
+    connection is released when you stop early.
+    """
+
+    def __init__(self, client: AsyncClient, body: dict[str, Any]) -> None:
+        self._client = client
+        self._body = body
+        self._cursor = _Cursor(session_id=body.get("sessionId"), max_retries=client.max_retries)
+        self._events = self._generate()
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await anext(self._events)
+
+    async def aclose(self) -> None:
+        """Drop the connection (the run goes on on the server; see ``AsyncClient.cancel``)."""
+        await self._events.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _generate(self) -> AsyncGenerator[Event, None]:
+        http, cursor = self._client._http, self._cursor
+        while True:
+            cause: Exception | None = None
+            if cursor.run_id is None:
+                request = http.build_request("POST", STREAM_PATH, json=self._body)
+            else:
+                headers = {"last-event-id": cursor.last_event_id or ""}
+                request = http.build_request("GET", STREAM_PATH, headers=headers)
+            try:
+                response = await http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                if cursor.run_id is None:
+                    raise ConnectionFailed(f"cannot reach {http.base_url}: {exc}") from exc
+                cause = exc
+            else:
+                try:
+                    if response.status_code == 204:
+                        raise cursor.gone()
+                    if response.status_code == 200:
+                        cursor.opened(response)
+                        async for chunk in response.aiter_bytes():
+                            for frame in cursor.frames(chunk):
+                                if (event := cursor.accept(frame)) is not None:
+                                    yield event
+                            if cursor.finished:
+                                return
+                    else:
+                        await response.aread()
+                        if cursor.run_id is None or response.status_code not in RETRYABLE:
+                            raise _refusal(response)
+                        cause = _refusal(response)  # a gateway, or a server restarting
+                except httpx.TransportError as exc:
+                    cause = exc
+                finally:
+                    await response.aclose()
+            await asyncio.sleep(cursor.dropped(cause))
+
+
+class AsyncClient:
+    """An asyncio chatstream client; close it, or use it as an async context manager."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        max_retries: int = 5,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.max_retries = max_retries
+        self._http = httpx.AsyncClient(
+            base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport
+        )
+
+    def stream(
+        self, message: str, *, session_id: str | None = None, enable_tools: bool = True
+    ) -> AsyncChatStream:
+        """Start a turn and stream its events; see ``AsyncChatStream``."""
+        return AsyncChatStream(self, _turn_body(message, session_id, enable_tools))
+
+    async def chat(
+        self, message: str, *, session_id: str | None = None, enable_tools: bool = True
+    ) -> ChatResult:
+        """Run a turn over the stream and return its outcome; raise ``RunFailed`` on error."""
+        collector = _Collector()
+        async with self.stream(message, session_id=session_id, enable_tools=enable_tools) as events:
+            async for event in events:
+                result = collector.add(event, events.run_id)
+                if result is not None:
+                    return result
+        raise ConnectionFailed("the stream ended without a terminal event")
+
+    async def cancel(self, run_id: str) -> bool:
+        """Stop a run now; False when it had already finished."""
+        result = await self._call("POST", f"/api/chat/runs/{run_id}/cancel")
+        return bool(result.get("cancelled"))
+
+    async def session(self, session_id: str) -> dict[str, Any]:
+        """A session's messages, as ``GET /api/chat/sessions/{id}`` returns them."""
+        result: dict[str, Any] = await self._call("GET", f"/api/chat/sessions/{session_id}")
+        return result
+
+    async def delete_session(self, session_id: str) -> None:
+        """Clear a session."""
+        await self._call("DELETE", f"/api/chat/sessions/{session_id}")
+
+    async def health(self) -> dict[str, Any]:
+        """The server's status, version and model."""
+        result: dict[str, Any] = await self._call("GET", "/api/health")
+        return result
+
+    async def _call(self, method: str, path: str) -> Any:
+        try:
+            return _json(await self._http.request(method, path))
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(f"{method} {path}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
