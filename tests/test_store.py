@@ -11,6 +11,7 @@ import pytest
 from chatstream import messages as m
 from chatstream.messages import ToolCallRequest
 from chatstream.store import SessionStore, open_store
+from chatstream.store.base import scoped
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -98,3 +99,15 @@ async def test_concurrent_appends_to_different_sessions(store: SessionStore) -> 
 
 async def test_ping(store: SessionStore) -> None:
     assert await store.ping() is True
+
+
+async def test_owners_list_only_their_own_sessions(store: SessionStore) -> None:
+    await store.append("open-1", [m.user("anonymous"), m.assistant("hi")])
+    await store.append(scoped("kA", "same-id"), [m.user("from A"), m.assistant("hi")])
+    await store.append(scoped("kB", "same-id"), [m.user("from B"), m.assistant("hi")])
+    assert [s.id for s in await store.list()] == ["open-1"]
+    assert [(s.id, s.title) for s in await store.list(owner="kA")] == [("same-id", "from A")]
+    assert [(s.id, s.title) for s in await store.list(owner="kB")] == [("same-id", "from B")]
+    assert await store.delete(scoped("kA", "same-id")) is True
+    assert await store.list(owner="kA") == []
+    assert [s.title for s in await store.list(owner="kB")] == ["from B"]

@@ -77,6 +77,7 @@ def serve(
 ) -> None:
     """Run the HTTP server. Every other setting reads a CHATSTREAM_* variable (see the README)."""
     from chatstream.server.app import create_app
+    from chatstream.server.protocol import uvicorn_config
 
     if log_format not in ("text", "json"):
         raise typer.BadParameter("use text or json", param_hint="--log-format")
@@ -86,15 +87,12 @@ def serve(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     application = create_app(settings)
-    config = uvicorn.Config(
+    config = uvicorn_config(
         application,
-        host=settings.host,
-        port=settings.port,
+        settings,
         log_level=log_level.lower(),
         log_config=None,  # keep the handlers logs.configure set up
         access_log=False,  # chatstream.http logs each request once, with more detail
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
-        lifespan="on",
     )
     server = _Server(config, application)
     server.run()

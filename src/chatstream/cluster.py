@@ -109,8 +109,8 @@ class Cluster:
 
     # -- keys ---------------------------------------------------------------------------
 
-    def _lock(self, session_id: str) -> str:
-        return f"{self.prefix}:lock:{session_id}"
+    def _lock(self, store_key: str) -> str:
+        return f"{self.prefix}:lock:{store_key}"
 
     def _meta(self, run_id: str) -> str:
         return f"{self.prefix}:run:{run_id}"
@@ -145,8 +145,8 @@ class Cluster:
         """Take the session's lock for ``run``; the id of the run holding it when busy."""
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.set(self._lock(run.session_id), run.id, nx=True, px=self.lock_ttl_ms)
-                pipe.get(self._lock(run.session_id))
+                pipe.set(self._lock(run.store_key), run.id, nx=True, px=self.lock_ttl_ms)
+                pipe.get(self._lock(run.store_key))
                 claimed, holder = await pipe.execute()
             if not claimed:
                 return cast(bytes, holder).decode() if holder else "unknown"
@@ -154,7 +154,13 @@ class Cluster:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(
                     self._meta(run.id),
-                    mapping={"session": run.session_id, "owner": self.instance, "state": "running"},
+                    mapping={
+                        "session": run.session_id,
+                        "key": run.store_key,
+                        "owner_key": run.owner,
+                        "instance": self.instance,
+                        "state": "running",
+                    },
                 )
                 pipe.pexpire(self._meta(run.id), ttl)
                 await pipe.execute()
@@ -207,7 +213,7 @@ class Cluster:
 
     async def _keep_alive(self, owned: _Owned) -> None:
         run = owned.run
-        lock = self._lock(run.session_id)
+        lock = self._lock(run.store_key)
         while True:
             await asyncio.sleep(self.lock_ttl_ms / 3000)
             try:
@@ -238,22 +244,22 @@ class Cluster:
                 pipe.pexpire(self._log(run.id), ttl)
                 pipe.pexpire(self._meta(run.id), ttl)
                 await pipe.execute()
-            await self._release(keys=[self._lock(run.session_id)], args=[run.id])
+            await self._release(keys=[self._lock(run.store_key)], args=[run.id])
         except (RedisError, OSError) as exc:
             log.warning("run %s: could not record its end in Redis (%s)", run.id, exc)
 
     # -- everyone else's side -----------------------------------------------------------
 
-    async def holder(self, session_id: str) -> str | None:
+    async def holder(self, store_key: str) -> str | None:
         """The id of the run that holds the session's lock, if any."""
         try:
-            holder = await self.redis.get(self._lock(session_id))
+            holder = await self.redis.get(self._lock(store_key))
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis is unavailable: {exc}") from exc
         return cast(bytes, holder).decode() if holder else None
 
     async def info(self, run_id: str) -> dict[str, str] | None:
-        """A run's shared metadata: session, owner, state, last_seq (when over)."""
+        """A run's shared metadata: session, key, owner_key, instance, state, last_seq."""
         try:
             meta = await self.redis.hgetall(self._meta(run_id))
         except (RedisError, OSError) as exc:
@@ -274,12 +280,13 @@ class Cluster:
             max_events=self.settings.run_log_max_events,
             resume_grace_s=0,
             first_seq=after_seq,
+            owner=meta.get("owner_key", ""),
         )
         run.stoppable = False  # cancelling a replica only stops reading; see RunManager.cancel
-        run.task = asyncio.create_task(self._follow(run, meta["session"]))
+        run.task = asyncio.create_task(self._follow(run, meta["key"]))
         return run
 
-    async def _follow(self, run: Run, session_id: str) -> None:
+    async def _follow(self, run: Run, store_key: str) -> None:
         key = self._log(run.id)
         block_ms = max(100, min(1000, self.lock_ttl_ms // 4))
         while True:
@@ -289,7 +296,7 @@ class Cluster:
                     await self.redis.xread({key: f"{run.last_seq}-0"}, count=500, block=block_ms),
                 )
                 if not replies:
-                    await self._check_owner(run, session_id)
+                    await self._check_owner(run, store_key)
                     continue
                 for _, entries in replies:
                     for _, fields in entries:
@@ -303,9 +310,9 @@ class Cluster:
                 log.warning("run %s: following it in Redis failed (%s)", run.id, exc)
                 await asyncio.sleep(0.5)
 
-    async def _check_owner(self, run: Run, session_id: str) -> None:
+    async def _check_owner(self, run: Run, store_key: str) -> None:
         """When the owner's lock is gone and the log has no ending, the run is lost."""
-        holder = await self.redis.get(self._lock(session_id))
+        holder = await self.redis.get(self._lock(store_key))
         if holder is not None and cast(bytes, holder).decode() == run.id:
             return
         seq = await self._declare_lost(

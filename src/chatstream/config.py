@@ -31,9 +31,20 @@ class Settings:
     tool_timeout_s: float = 20.0
     max_message_chars: int = 32_000
     max_body_bytes: int = 256 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    max_history_messages: int = 200
     # Tools
+    calculate_max_chars: int = 500
+    calculate_max_result_chars: int = 1002
     weather_geocoding_url: str = DEFAULT_GEOCODING_URL
     weather_forecast_url: str = DEFAULT_FORECAST_URL
+    # Who may call, and how much
+    api_keys: tuple[str, ...] = ()
+    api_keys_file: str = ""
+    max_streams_per_key: int = 20
+    max_streams_total: int = 5000
+    turns_per_minute: int = 60
     # HTTP
     cors_origins: tuple[str, ...] = ()
     log_body_bytes: int = 2048

@@ -33,7 +33,7 @@ from chatstream.config import Settings
 from chatstream.errors import ChatstreamError, ModelError, RequestError
 from chatstream.events import Done, Error, Event, Token, ToolResult, encode, encode_token
 from chatstream.metrics import Metrics
-from chatstream.store.base import SessionStore
+from chatstream.store.base import SessionStore, scoped
 
 if TYPE_CHECKING:
     from chatstream.cluster import Cluster
@@ -90,9 +90,11 @@ class Run:
         max_events: int,
         resume_grace_s: float,
         first_seq: int = 0,
+        owner: str = "",
     ) -> None:
         self.id = run_id
         self.session_id = session_id
+        self.owner = owner
         self.state = RunState.RUNNING
         self.created_at = time.time()
         self.finished_at: float | None = None
@@ -112,6 +114,11 @@ class Run:
         self.stoppable = True
 
     # -- the log ---------------------------------------------------------------
+
+    @property
+    def store_key(self) -> str:
+        """The session's id in the store: callers with API keys each have their own ids."""
+        return scoped(self.owner, self.session_id)
 
     @property
     def last_seq(self) -> int:
@@ -292,20 +299,25 @@ class RunManager:
     def active_run(self, session_id: str) -> Run | None:
         return self._active.get(session_id)
 
-    async def find(self, run_id: str, after_seq: int = 0) -> Run | None:
-        """A run to read from ``after_seq`` on: local, or a replica of another instance's."""
+    async def find(self, run_id: str, after_seq: int = 0, *, owner: str = "") -> Run | None:
+        """A run to read from ``after_seq`` on: local, or a replica of another instance's.
+
+        A run of another caller is not found, as if it did not exist.
+        """
         run = self._runs.get(run_id)
         if run is None and self.cluster is not None:
             run = await self._shared(self.cluster.replica(run_id, after_seq))
+        if run is not None and run.owner != owner:
+            return None
         return run
 
-    async def active_run_id(self, session_id: str) -> str | None:
-        """The run busy in a session, on any instance."""
-        run = self._active.get(session_id)
+    async def active_run_id(self, store_key: str) -> str | None:
+        """The run busy in a session (by its store key), on any instance."""
+        run = self._active.get(store_key)
         if run is not None:
             return run.id
         if self.cluster is not None:
-            return await self._shared(self.cluster.holder(session_id))
+            return await self._shared(self.cluster.holder(store_key))
         return None
 
     async def _shared(self, call: Awaitable[T]) -> T:
@@ -314,7 +326,9 @@ class RunManager:
         except ChatstreamError as exc:
             raise RequestError(503, "STORE_UNAVAILABLE", exc.message) from exc
 
-    async def start(self, session_id: str, message: str, *, enable_tools: bool = True) -> Run:
+    async def start(
+        self, session_id: str, message: str, *, enable_tools: bool = True, owner: str = ""
+    ) -> Run:
         """Start a turn in a session; refuse when that session already has one running."""
         if not self.accepting:
             raise RequestError(
@@ -323,21 +337,23 @@ class RunManager:
                 "The server is shutting down and takes no new turns.",
                 headers={"Retry-After": "5"},
             )
-        if session_id in self._active:
+        key = scoped(owner, session_id)
+        if key in self._active:
             raise RequestError(
                 409,
                 "SESSION_BUSY",
                 f"Session {session_id!r} already has a turn running "
-                f"(run {self._active[session_id].id}); wait for it, resume it or cancel it.",
+                f"(run {self._active[key].id}); wait for it, resume it or cancel it.",
             )
         run = Run(
             new_run_id(),
             session_id,
             max_events=self.settings.run_log_max_events,
             resume_grace_s=self.settings.resume_grace_s,
+            owner=owner,
         )
         # Claim the session before the first await, so two requests cannot both start.
-        self._active[session_id] = run
+        self._active[key] = run
         self._runs[run.id] = run
         try:
             if self.cluster is not None:
@@ -349,14 +365,17 @@ class RunManager:
                         f"Session {session_id!r} already has a turn running (run {holder}); "
                         "wait for it, resume it or cancel it.",
                     )
-            session = await self.store.load(session_id)
+            session = await self.store.load(key)
         except (ChatstreamError, RequestError) as exc:
             self._release(run)
             self._runs.pop(run.id, None)
             if isinstance(exc, RequestError):
                 raise
             raise RequestError(503, "STORE_UNAVAILABLE", exc.message) from exc
-        history = session.messages if session else ()
+        history = session.messages[-self.settings.max_history_messages :] if session else ()
+        # A trimmed history must not start inside a tool round: begin at a user message.
+        while history and history[0].role != "user":
+            history = history[1:]
         turn = Turn(m.user(message))
         run.task = asyncio.create_task(
             self._drive(run, history, turn, enable_tools), name=f"chatstream-{run.id}"
@@ -415,7 +434,7 @@ class RunManager:
         run.stoppable = False
         terminal: Done | Error
         try:
-            session = await self.store.append(run.session_id, turn.to_store())
+            session = await self.store.append(run.store_key, turn.to_store())
         except Exception as exc:
             log.exception("run %s: storing the turn failed", run.id)
             terminal = Error("INTERNAL_ERROR", f"The turn could not be saved: {exc}")
@@ -440,8 +459,8 @@ class RunManager:
             self._expiry[run.id] = loop.call_later(self.settings.run_ttl_s, self._expire, run.id)
 
     def _release(self, run: Run) -> None:
-        if self._active.get(run.session_id) is run:
-            del self._active[run.session_id]
+        if self._active.get(run.store_key) is run:
+            del self._active[run.store_key]
 
     def _expire(self, run_id: str) -> None:
         self._expiry.pop(run_id, None)
@@ -454,9 +473,11 @@ class RunManager:
             run.cancel(reason)
         return run
 
-    async def cancel(self, run_id: str) -> RunStatus | None:
+    async def cancel(self, run_id: str, *, owner: str = "") -> RunStatus | None:
         """Stop a run wherever it runs and wait for its end; None when no such run is known."""
         run = self._runs.get(run_id)
+        if run is not None and run.owner != owner:
+            return None
         if run is not None:
             cancelled = run.cancel(STOPPED)
             if cancelled:
@@ -465,7 +486,7 @@ class RunManager:
         if self.cluster is None:
             return None
         info = await self._shared(self.cluster.info(run_id))
-        if info is None:
+        if info is None or info.get("owner_key", "") != owner:
             return None
         cancelled = info["state"] == "running"
         if cancelled:
@@ -480,15 +501,17 @@ class RunManager:
             run_id, info["session"], info["state"], int(info.get("last_seq", 0)), cancelled
         )
 
-    async def status(self, run_id: str) -> RunStatus | None:
+    async def status(self, run_id: str, *, owner: str = "") -> RunStatus | None:
         """A run's state, wherever it runs."""
         run = self._runs.get(run_id)
         if run is not None:
+            if run.owner != owner:
+                return None
             return RunStatus(run.id, run.session_id, run.state.value, run.last_seq)
         if self.cluster is None:
             return None
         info = await self._shared(self.cluster.info(run_id))
-        if info is None:
+        if info is None or info.get("owner_key", "") != owner:
             return None
         return RunStatus(run_id, info["session"], info["state"], int(info.get("last_seq", 0)))
 

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from chatstream.config import Settings
 from chatstream.server.app import Runtime, create_app
+from chatstream.server.protocol import uvicorn_config
 
 
 def free_port() -> int:
@@ -47,9 +48,7 @@ def live_server(settings: Settings) -> Iterator[LiveServer]:
     port = free_port()
     settings = settings.with_(host="127.0.0.1", port=port)
     app = create_app(settings)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", loop="asyncio"
-    )
+    config = uvicorn_config(app, settings, log_level="warning", loop="asyncio")
     server = uvicorn.Server(config)
     live = LiveServer(url=f"http://127.0.0.1:{port}", app=app, server=server)
 

@@ -20,6 +20,8 @@ from chatstream.metrics import Metrics
 from chatstream.models import Model, resolve
 from chatstream.runs import RunManager
 from chatstream.server import errors, routes
+from chatstream.server.auth import KeyRing
+from chatstream.server.limits import BodyLimit, StreamSlots, TurnRate
 from chatstream.server.requestlog import RequestLog
 from chatstream.store import SessionStore, open_store
 from chatstream.tools import default_tools
@@ -37,6 +39,9 @@ class Runtime:
     agent: Agent
     runs: RunManager
     metrics: Metrics
+    keys: KeyRing
+    turn_rate: TurnRate
+    slots: StreamSlots
     started_at: float
 
     async def begin_shutdown(self) -> None:
@@ -59,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        keys = KeyRing.load(settings.api_keys, settings.api_keys_file)
         model = resolve(settings.model)
         store = await open_store(settings.store)
         cluster = open_cluster(settings)
@@ -80,6 +86,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 agent=agent, store=store, settings=settings, cluster=cluster, metrics=metrics
             ),
             metrics=metrics,
+            keys=keys,
+            turn_rate=TurnRate(settings.turns_per_minute),
+            slots=StreamSlots(
+                settings.max_streams_per_key,
+                settings.max_streams_total,
+                on_change=metrics.active_streams.set,
+            ),
             started_at=time.monotonic(),
         )
         app.state.runtime = runtime
@@ -117,5 +130,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Content-Type", "Authorization", "Last-Event-ID"],
             expose_headers=["X-Session-Id", "X-Run-Id"],
         )
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(RequestLog, body_limit=settings.log_body_bytes)
     return app

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from chatstream import __version__
 from chatstream.errors import RequestError
@@ -33,8 +34,24 @@ from chatstream.server.schemas import (
     ToolOut,
 )
 from chatstream.server.sse import EventStream
+from chatstream.store.base import scoped
 
 router = APIRouter()
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="An API key, when the server has keys (also accepted as ?access_token=).",
+)
+
+
+async def _caller(
+    request: Request,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    return runtime_of(request).keys.caller(request)
+
+
+Caller = Annotated[str, Depends(_caller)]
+"""The caller's id: "" when the server has no keys; 401 for a missing or wrong key."""
 STATIC = Path(__file__).parent / "static"
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 EVENT_ID = re.compile(r"(run_[0-9a-f]+):(\d+)")
@@ -68,6 +85,7 @@ _STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
 )
 async def stream_get(
     request: Request,
+    caller: Caller,
     message: Annotated[str | None, Query(description="The user's message.")] = None,
     sessionId: Annotated[str | None, Query(description="Session to continue.")] = None,
     enableTools: Annotated[bool, Query(description="true/false/1/0")] = True,
@@ -76,7 +94,9 @@ async def stream_get(
     ] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> Response | EventStream:
-    return await _stream(request, message, sessionId, enableTools, last_event_id or lastEventId)
+    return await _stream(
+        request, caller, message, sessionId, enableTools, last_event_id or lastEventId
+    )
 
 
 @router.post(
@@ -89,18 +109,25 @@ async def stream_get(
 )
 async def stream_post(
     request: Request,
+    caller: Caller,
     body: ChatRequest | None = None,
     lastEventId: Annotated[str | None, Query()] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> Response | EventStream:
     body = body or ChatRequest()
     return await _stream(
-        request, body.message, body.sessionId, body.enableTools, last_event_id or lastEventId
+        request,
+        caller,
+        body.message,
+        body.sessionId,
+        body.enableTools,
+        last_event_id or lastEventId,
     )
 
 
 async def _stream(
     request: Request,
+    caller: str,
     message: str | None,
     session_id: str | None,
     enable_tools: bool,
@@ -108,13 +135,23 @@ async def _stream(
 ) -> Response | EventStream:
     runtime = runtime_of(request)
     settings = runtime.settings
+    identity = _identity(request, caller)
     if last_event_id:
-        run, after = await _resumable(request, last_event_id)
+        run, after = await _resumable(request, caller, last_event_id)
         if run is None:
             return Response(status_code=204)
+        release = runtime.slots.acquire(identity)
     else:
         text, session_id = _validate_turn(message, session_id, settings.max_message_chars)
-        run = await runtime.runs.start(session_id, text, enable_tools=enable_tools)
+        runtime.turn_rate.check(identity)
+        release = runtime.slots.acquire(identity)
+        try:
+            run = await runtime.runs.start(
+                session_id, text, enable_tools=enable_tools, owner=caller
+            )
+        except BaseException:
+            release()
+            raise
         after = 0
     return EventStream(
         run,
@@ -122,8 +159,15 @@ async def _stream(
         heartbeat_s=settings.heartbeat_s,
         retry_ms=settings.retry_ms,
         headers={"X-Session-Id": run.session_id, "X-Run-Id": run.id},
-        open_streams=runtime.metrics.active_streams,
+        on_close=release,
     )
+
+
+def _identity(request: Request, caller: str) -> str:
+    """Whom limits count against: the API key's caller, or the client's address."""
+    if caller:
+        return caller
+    return f"ip:{request.client.host}" if request.client else "ip:unknown"
 
 
 def _validate_turn(message: str | None, session_id: str | None, max_chars: int) -> tuple[str, str]:
@@ -144,7 +188,7 @@ def _validate_turn(message: str | None, session_id: str | None, max_chars: int) 
     return message, session_id
 
 
-async def _resumable(request: Request, last_event_id: str) -> tuple[Run | None, int]:
+async def _resumable(request: Request, caller: str, last_event_id: str) -> tuple[Run | None, int]:
     """The run to resume and the seq to resume after; None when nothing is left to send."""
     match = EVENT_ID.fullmatch(last_event_id.strip())
     if match is None:
@@ -152,7 +196,7 @@ async def _resumable(request: Request, last_event_id: str) -> tuple[Run | None, 
             400, "INVALID_REQUEST", "`Last-Event-ID` must look like <runId>:<seq>, as sent."
         )
     seq = int(match.group(2))
-    run = await runtime_of(request).runs.find(match.group(1), seq)
+    run = await runtime_of(request).runs.find(match.group(1), seq, owner=caller)
     if run is None or (run.finished and seq >= run.last_seq):
         return None, seq
     return run, seq
@@ -168,8 +212,8 @@ async def _resumable(request: Request, last_event_id: str) -> tuple[Run | None, 
     summary="Stop a run now (the stop button)",
     tags=["chat"],
 )
-async def cancel_run(request: Request, run_id: str) -> RunOut:
-    status = await runtime_of(request).runs.cancel(run_id)
+async def cancel_run(request: Request, caller: Caller, run_id: str) -> RunOut:
+    status = await runtime_of(request).runs.cancel(run_id, owner=caller)
     if status is None:
         raise RequestError(404, "RUN_NOT_FOUND", f"No run {run_id!r} is known (or it expired).")
     return _run_out(status)
@@ -182,8 +226,8 @@ async def cancel_run(request: Request, run_id: str) -> RunOut:
     summary="A run's state",
     tags=["chat"],
 )
-async def get_run(request: Request, run_id: str) -> RunOut:
-    status = await runtime_of(request).runs.status(run_id)
+async def get_run(request: Request, caller: Caller, run_id: str) -> RunOut:
+    status = await runtime_of(request).runs.status(run_id, owner=caller)
     if status is None:
         raise RequestError(404, "RUN_NOT_FOUND", f"No run {run_id!r} is known (or it expired).")
     return _run_out(status)
@@ -209,12 +253,13 @@ def _run_out(status: RunStatus) -> RunOut:
     summary="Run a turn and answer when it is over (no streaming)",
     tags=["chat"],
 )
-async def chat(request: Request, body: ChatRequest) -> ChatResponse:
+async def chat(request: Request, caller: Caller, body: ChatRequest) -> ChatResponse:
     runtime = runtime_of(request)
     text, session_id = _validate_turn(
         body.message, body.sessionId, runtime.settings.max_message_chars
     )
-    run = await runtime.runs.start(session_id, text, enable_tools=body.enableTools)
+    runtime.turn_rate.check(_identity(request, caller))
+    run = await runtime.runs.start(session_id, text, enable_tools=body.enableTools, owner=caller)
     await run.wait_finished()
     answer: list[str] = []
     calls: dict[str, ToolCallOut] = {}
@@ -265,9 +310,9 @@ def _iso(timestamp: float) -> str:
     tags=["sessions"],
 )
 async def list_sessions(
-    request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 50
+    request: Request, caller: Caller, limit: Annotated[int, Query(ge=1, le=500)] = 50
 ) -> SessionListOut:
-    summaries = await runtime_of(request).store.list(limit=limit)
+    summaries = await runtime_of(request).store.list(limit=limit, owner=caller)
     sessions = [
         SessionSummaryOut(
             sessionId=s.id,
@@ -289,10 +334,11 @@ async def list_sessions(
     summary="A session's messages",
     tags=["sessions"],
 )
-async def get_session(request: Request, session_id: str) -> SessionOut:
+async def get_session(request: Request, caller: Caller, session_id: str) -> SessionOut:
     runtime = runtime_of(request)
-    session = await runtime.store.load(session_id)
-    active = await runtime.runs.active_run_id(session_id)
+    key = scoped(caller, session_id)
+    session = await runtime.store.load(key)
+    active = await runtime.runs.active_run_id(key)
     if session is None:
         if active is None:
             raise RequestError(404, "SESSION_NOT_FOUND", f"No session {session_id!r}.")
@@ -308,7 +354,7 @@ async def get_session(request: Request, session_id: str) -> SessionOut:
             activeRunId=active,
         )
     return SessionOut(
-        sessionId=session.id,
+        sessionId=session_id,
         messages=[MessageOut(**msg.to_dict()) for msg in session.messages],
         createdAt=_iso(session.created_at),
         lastActivity=_iso(session.last_activity),
@@ -328,14 +374,15 @@ async def get_session(request: Request, session_id: str) -> SessionOut:
     summary="Clear a session",
     tags=["sessions"],
 )
-async def delete_session(request: Request, session_id: str) -> DeletedOut:
+async def delete_session(request: Request, caller: Caller, session_id: str) -> DeletedOut:
     runtime = runtime_of(request)
-    active = await runtime.runs.active_run_id(session_id)
+    key = scoped(caller, session_id)
+    active = await runtime.runs.active_run_id(key)
     if active is not None:
         raise RequestError(
             409, "SESSION_BUSY", f"Session {session_id!r} has a turn running (run {active})."
         )
-    if not await runtime.store.delete(session_id):
+    if not await runtime.store.delete(key):
         raise RequestError(404, "SESSION_NOT_FOUND", f"No session {session_id!r}.")
     return DeletedOut(sessionId=session_id, deleted=True)
 
@@ -344,7 +391,7 @@ async def delete_session(request: Request, session_id: str) -> DeletedOut:
 
 
 @router.get("/api/tools", response_model=ToolListOut, summary="The tools", tags=["meta"])
-async def list_tools(request: Request) -> ToolListOut:
+async def list_tools(request: Request, caller: Caller) -> ToolListOut:
     tools = [
         ToolOut(name=t.name, description=t.description, parameters=t.parameters)
         for t in runtime_of(request).agent.tools
@@ -376,7 +423,7 @@ async def health(request: Request, response: Response) -> HealthOut:
     tags=["meta"],
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
-async def metrics(request: Request) -> Response:
+async def metrics(request: Request, caller: Caller) -> Response:
     return Response(runtime_of(request).metrics.render(), media_type=CONTENT_TYPE)
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import Gauge
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -38,14 +38,14 @@ class EventStream(Response):
         heartbeat_s: float,
         retry_ms: int,
         headers: dict[str, str] | None = None,
-        open_streams: Gauge | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
         self.run = run
         self.after_seq = after_seq
         self.heartbeat_s = heartbeat_s
         self.retry_ms = retry_ms
-        self.open_streams = open_streams
+        self.on_close = on_close
         self.stream_headers = HEADERS + [
             (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()
         ]
@@ -82,8 +82,6 @@ class EventStream(Response):
                     return
 
         watcher = asyncio.create_task(watch_disconnect())
-        if self.open_streams is not None:
-            self.open_streams.inc()
         timer = loop.call_later(self.heartbeat_s, tick)
         try:
             await send(
@@ -122,7 +120,7 @@ class EventStream(Response):
                 timer.cancel()
             watcher.cancel()
             run.unsubscribe(subscriber)
-            if self.open_streams is not None:
-                self.open_streams.dec()
+            if self.on_close is not None:
+                self.on_close()
             stats["disconnected"] = gone
             stats["duration_s"] = time.perf_counter() - started

@@ -9,6 +9,17 @@ from typing import Protocol
 from chatstream.messages import Message, history_length
 
 
+def scoped(owner: str, session_id: str) -> str:
+    """A session id in its owner's namespace; '/' never occurs in a public id."""
+    return f"{owner}/{session_id}" if owner else session_id
+
+
+def unscoped(store_key: str) -> tuple[str, str]:
+    """``(owner, session_id)`` of a store key."""
+    owner, _, session_id = store_key.rpartition("/")
+    return owner, session_id
+
+
 @dataclass(frozen=True, slots=True)
 class Session:
     """A stored conversation."""
@@ -51,8 +62,8 @@ class SessionStore(Protocol):
         """Remove a session; False when there was none."""
         ...
 
-    async def list(self, *, limit: int = 50) -> list[SessionSummary]:
-        """The most recently active sessions first."""
+    async def list(self, *, limit: int = 50, owner: str = "") -> list[SessionSummary]:
+        """An owner's most recently active sessions first, by their public ids."""
         ...
 
     async def ping(self) -> bool:

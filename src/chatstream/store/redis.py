@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 
 from chatstream.errors import StoreError
 from chatstream.messages import Message
-from chatstream.store.base import Session, SessionSummary
+from chatstream.store.base import Session, SessionSummary, scoped, unscoped
 
 
 class RedisStore:
@@ -49,6 +49,10 @@ class RedisStore:
 
     def _session(self, session_id: str) -> str:
         return f"{self.prefix}:session:{session_id}"
+
+    def _index(self, owner: str) -> str:
+        """The sorted set of one owner's sessions by last activity."""
+        return f"{self.prefix}:sessions:{owner}" if owner else f"{self.prefix}:sessions"
 
     async def load(self, session_id: str) -> Session | None:
         """The session with its messages in order, or None."""
@@ -85,7 +89,8 @@ class RedisStore:
                 pipe.hset(key, "last_activity", now)
                 if bodies:
                     pipe.rpush(f"{key}:log", *bodies)
-                pipe.zadd(f"{self.prefix}:sessions", {session_id: now})
+                owner, public_id = unscoped(session_id)
+                pipe.zadd(self._index(owner), {public_id: now})
                 await pipe.execute()
         except RedisError as exc:
             raise StoreError(f"Redis could not write session {session_id!r}: {exc}") from exc
@@ -100,21 +105,20 @@ class RedisStore:
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.delete(key, f"{key}:log")
-                pipe.zrem(f"{self.prefix}:sessions", session_id)
+                owner, public_id = unscoped(session_id)
+                pipe.zrem(self._index(owner), public_id)
                 deleted, _ = await pipe.execute()
         except RedisError as exc:
             raise StoreError(f"Redis could not delete session {session_id!r}: {exc}") from exc
         return int(deleted) > 0
 
-    async def list(self, *, limit: int = 50) -> list[SessionSummary]:
-        """Recent sessions, most recently active first."""
+    async def list(self, *, limit: int = 50, owner: str = "") -> list[SessionSummary]:
+        """An owner's recent sessions, most recently active first."""
         try:
-            ids = cast(
-                "list[bytes]", await self.redis.zrevrange(f"{self.prefix}:sessions", 0, limit - 1)
-            )
+            ids = cast("list[bytes]", await self.redis.zrevrange(self._index(owner), 0, limit - 1))
             async with self.redis.pipeline(transaction=False) as pipe:
                 for raw in ids:
-                    key = self._session(raw.decode())
+                    key = self._session(scoped(owner, raw.decode()))
                     pipe.hgetall(key)
                     pipe.llen(f"{key}:log")
                 replies: list[Any] = await pipe.execute()

@@ -11,7 +11,7 @@ import orjson
 
 from chatstream.errors import StoreError
 from chatstream.messages import Message
-from chatstream.store.base import Session, SessionSummary
+from chatstream.store.base import Session, SessionSummary, unscoped
 
 SCHEMA_VERSION = 1
 
@@ -138,15 +138,19 @@ class SQLiteStore:
             raise StoreError(f"could not delete session {session_id!r}: {exc}") from exc
         return cursor.rowcount > 0
 
-    async def list(self, *, limit: int = 50) -> list[SessionSummary]:
-        """Recent sessions, most recently active first."""
+    async def list(self, *, limit: int = 50, owner: str = "") -> list[SessionSummary]:
+        """An owner's recent sessions, most recently active first."""
+        if owner:
+            where, args = "substr(id, 1, ?) = ?", [len(owner) + 1, owner + "/"]
+        else:
+            where, args = "instr(id, '/') = 0", []
         async with self._db.execute(
             "SELECT id, title, created_at, last_activity, message_count FROM sessions"
-            " ORDER BY last_activity DESC LIMIT ?",
-            (limit,),
+            f" WHERE {where} ORDER BY last_activity DESC LIMIT ?",
+            (*args, limit),
         ) as cursor:
             rows = await cursor.fetchall()
-        return [SessionSummary(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        return [SessionSummary(unscoped(r[0])[1], r[1], r[2], r[3], r[4]) for r in rows]
 
     async def ping(self) -> bool:
         """Run a trivial query."""

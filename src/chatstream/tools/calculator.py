@@ -121,16 +121,21 @@ async def calculate(ctx: ToolContext, expression: str) -> str:
             log(x, base)), log10, log2 and exp.
     """
     ctx.progress(f"Calculating {_shorten(expression)}")
-    return format_number(evaluate(expression))
+    max_chars = int(getattr(ctx.settings, "calculate_max_chars", MAX_CHARS))
+    max_result = int(getattr(ctx.settings, "calculate_max_result_chars", MAX_DIGITS + 2))
+    result = format_number(evaluate(expression, max_chars=max_chars))
+    if len(result) > max_result:
+        raise ToolError(f"the result is too long ({len(result)} characters; at most {max_result})")
+    return result
 
 
-def evaluate(expression: str) -> Number:
+def evaluate(expression: str, *, max_chars: int = MAX_CHARS) -> Number:
     """The value of ``expression``; raise ``ToolError`` for anything outside the arithmetic."""
     text = expression.strip()
     if not text:
         raise ToolError("the expression is empty")
-    if len(text) > MAX_CHARS:
-        raise ToolError(f"the expression is too long ({len(text)} characters; at most {MAX_CHARS})")
+    if len(text) > max_chars:
+        raise ToolError(f"the expression is too long ({len(text)} characters; at most {max_chars})")
     try:
         tree = ast.parse(text, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
