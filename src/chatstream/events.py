@@ -15,6 +15,7 @@ Departures from a generic SSE library, on purpose:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -118,8 +119,28 @@ def is_terminal(event: Event) -> bool:
 
 
 def dumps(value: Any) -> bytes:
-    """Compact JSON as UTF-8 bytes, non-ASCII kept raw."""
-    return orjson.dumps(value)
+    """Compact JSON as UTF-8 bytes, non-ASCII kept raw.
+
+    orjson refuses a few values a model or a tool can still produce (integers
+    past 64 bits, lone surrogates); those take the slower standard library
+    path rather than failing the run.
+    """
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        text = json.dumps(_clean(value), ensure_ascii=False, separators=(",", ":"), default=str)
+        return text.encode()
+
+
+def _clean(value: Any) -> Any:
+    """``value`` with lone surrogates (not encodable as UTF-8) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
 
 
 def encode(event: Event, *, event_id: str) -> bytes:
@@ -133,7 +154,7 @@ def encode(event: Event, *, event_id: str) -> bytes:
             b"\nevent: ",
             event.type.encode(),
             b"\ndata: ",
-            orjson.dumps(event.data()),
+            dumps(event.data()),
             b"\n\n",
         )
     )
@@ -141,15 +162,11 @@ def encode(event: Event, *, event_id: str) -> bytes:
 
 def encode_token(content: str, *, event_id: str) -> bytes:
     """``encode(Token(content))`` without building the Token: the per-token hot path."""
-    return b"".join(
-        (
-            b"id: ",
-            event_id.encode(),
-            b"\nevent: token\ndata: ",
-            orjson.dumps({"content": content}),
-            b"\n\n",
-        )
-    )
+    try:
+        data = orjson.dumps({"content": content})
+    except TypeError:
+        data = dumps({"content": content})
+    return b"".join((b"id: ", event_id.encode(), b"\nevent: token\ndata: ", data, b"\n\n"))
 
 
 def encode_retry(retry_ms: int) -> bytes:

@@ -56,6 +56,20 @@ STATIC = Path(__file__).parent / "static"
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 EVENT_ID = re.compile(r"(run_[0-9a-f]+):(\d+)")
 
+# One event of the stream, as an SSE parser sees it; ``data`` is compact JSON whose shape
+# depends on ``event`` (see the README and the contract).
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data", "id"],
+    "properties": {
+        "event": {
+            "enum": ["token", "tool_call", "tool_progress", "tool_result", "done", "error"],
+        },
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "id": {"type": "string", "pattern": r"^run_[0-9a-f]+:[1-9][0-9]*$"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorOut, "description": "MISSING_MESSAGE or INVALID_REQUEST"},
     409: {"model": ErrorOut, "description": "SESSION_BUSY: a turn is already running there"},
@@ -65,7 +79,7 @@ _STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "An event stream: token, tool_call, tool_progress, tool_result, then "
         "done or error. Each frame has `id: <runId>:<seq>`.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
     },
     204: {"description": "Resume of a run that is unknown, expired or fully delivered."},
     **_ERRORS,
