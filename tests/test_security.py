@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -252,3 +254,13 @@ async def test_calculate_input_and_result_sizes_are_limited(settings: Settings) 
     assert "too long" in long_input.of("tool_result")[0]["result"]
     assert long_input.of("tool_result")[0]["isError"] is True
     assert "too long" in big_result.of("tool_result")[0]["result"]
+
+
+def test_hash_key_prints_the_digest_a_keys_file_takes() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "chatstream", "hash-key", KEY_B],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == digest(KEY_B)

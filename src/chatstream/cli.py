@@ -126,5 +126,17 @@ def chat(
     raise typer.Exit(run_chat(url, session_id=session, enable_tools=not no_tools, api_key=api_key))
 
 
+@app.command("hash-key")
+def hash_key(
+    key: Annotated[str, typer.Argument(help="The API key to hash (read from stdin when '-').")],
+) -> None:
+    """Print the SHA-256 digest of an API key, a line for CHATSTREAM_API_KEYS_FILE."""
+    from chatstream.server.auth import digest
+
+    if key == "-":
+        key = sys.stdin.readline().strip()
+    typer.echo(digest(key))
+
+
 def main() -> None:
     app()
