@@ -112,6 +112,8 @@ class Run:
         self._finished = asyncio.Event()
         # Cleared once the turn is being stored: a cancel then would lose the write.
         self.stoppable = True
+        # Set once the turn is in the store: the session then shows it, not the run.
+        self.stored = False
 
     # -- the log ---------------------------------------------------------------
 
@@ -315,7 +317,8 @@ class RunManager:
         """The run busy in a session (by its store key), on any instance."""
         run = self._active.get(store_key)
         if run is not None:
-            return run.id
+            # Once stored, the turn is in the session: a reader must not also replay the run.
+            return None if run.stored else run.id
         if self.cluster is not None:
             return await self._shared(self.cluster.holder(store_key))
         return None
@@ -435,6 +438,7 @@ class RunManager:
         terminal: Done | Error
         try:
             session = await self.store.append(run.store_key, turn.to_store())
+            run.stored = True
         except Exception as exc:
             log.exception("run %s: storing the turn failed", run.id)
             terminal = Error("INTERNAL_ERROR", f"The turn could not be saved: {exc}")

@@ -11,8 +11,21 @@ export class ApiError extends Error {
   }
 }
 
+// The API key, when the server wants one. Kept per tab (sessionStorage), not on disk.
+const KEY_ITEM = "chatstream.apiKey";
+let apiKey = sessionStorage.getItem(KEY_ITEM) ?? "";
+
+export const hasApiKey = () => apiKey !== "";
+
+export function setApiKey(key) {
+  apiKey = key;
+  sessionStorage.setItem(KEY_ITEM, key);
+}
+
 async function call(method, path) {
-  const response = await fetch(path, { method, headers: { Accept: "application/json" } });
+  const headers = { Accept: "application/json" };
+  if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
+  const response = await fetch(path, { method, headers });
   const body = await response.json().catch(() => null);
   if (!response.ok) {
     const error = body?.error ?? {};
@@ -38,12 +51,17 @@ export function newSessionId() {
 }
 
 export function turnUrl(message, sessionId, enableTools) {
-  const query = new URLSearchParams({ message, sessionId, enableTools: String(enableTools) });
-  return `/api/chat/stream?${query}`;
+  return streamUrl({ message, sessionId, enableTools: String(enableTools) });
 }
 
 export function resumeUrl(runId, afterSeq) {
-  return `/api/chat/stream?${new URLSearchParams({ lastEventId: `${runId}:${afterSeq}` })}`;
+  return streamUrl({ lastEventId: `${runId}:${afterSeq}` });
+}
+
+function streamUrl(params) {
+  // EventSource cannot send an Authorization header; the server takes the key here too.
+  if (apiKey) params.access_token = apiKey;
+  return `/api/chat/stream?${new URLSearchParams(params)}`;
 }
 
 /**

@@ -17,12 +17,18 @@ const els = {
   noSessions: $("#session-empty"),
   newChat: $("#new-chat"),
   toggle: $("#toggle-sessions"),
+  keyDialog: $("#key-dialog"),
+  keyForm: $("#key-form"),
+  keyInput: $("#api-key"),
+  keyWhy: $("#key-why"),
 };
 
 const state = {
   sessionId: null,
-  follower: null, // the open stream while an answer is being written
+  view: null, // the answer being written, from send (or resume) until it ends
+  follower: null, // its open stream; null while reconnecting
   runId: null,
+  opening: 0, // counts openSession calls, so that only the latest one renders
   pinned: true, // the log follows new text unless the reader scrolled up
 };
 
@@ -49,6 +55,7 @@ function remember({ pending = null } = {}) {
 // -- following a run ---------------------------------------------------------------
 
 function setStreaming(on) {
+  if (!on) state.view = null;
   els.send.disabled = on;
   els.stop.disabled = !on;
   document.body.classList.toggle("streaming", on);
@@ -59,6 +66,7 @@ function status(text) {
 }
 
 function follow(url, view, { runId = null, afterSeq = 0, attempt = 0 } = {}) {
+  state.view = view;
   state.runId = runId;
   setStreaming(true);
   state.follower = api.follow(
@@ -112,12 +120,18 @@ async function recover(view, { runId, lastSeq }, attempt) {
   try {
     session = await api.getSession(state.sessionId);
   } catch (error) {
+    if (state.view !== view) return; // the reader moved to another chat meanwhile
+    if (needsKey(error)) {
+      askForKey(error.message);
+      return failed(view, error.code, "This server needs an API key.");
+    }
     if (!(error instanceof api.ApiError && error.status === 404)) {
       if (attempt > 5) return failed(view, "NETWORK", "The server cannot be reached.");
       status("The server cannot be reached — retrying…");
       return setTimeout(() => recover(view, { runId, lastSeq }, attempt + 1), 1000 * attempt);
     }
   }
+  if (state.view !== view) return;
   const active = session?.activeRunId;
   if (active && attempt <= 5) {
     // Still running: go on after the last event shown (from the start if it is
@@ -144,7 +158,7 @@ function failed(view, code, message) {
 }
 
 function send(message) {
-  if (state.follower || !message.trim()) return;
+  if (state.view || !message.trim()) return;
   state.sessionId ??= api.newSessionId();
   els.empty.hidden = true;
   const view = new AnswerView();
@@ -186,7 +200,9 @@ function showHistory(messages) {
 
 async function openSession(sessionId) {
   unfollow();
-  const { pending } = saved().sessionId === sessionId ? saved() : {};
+  const before = saved();
+  const pending = before.sessionId === sessionId ? before.pending : null;
+  const ticket = ++state.opening;
   state.sessionId = sessionId;
   remember();
   markCurrent();
@@ -195,8 +211,10 @@ async function openSession(sessionId) {
     session = await api.getSession(sessionId);
   } catch (error) {
     // 404: a chat whose first message never reached the server; start it afresh.
-    if (!(error instanceof api.ApiError && error.status === 404)) status(error.message);
+    if (needsKey(error)) askForKey(error.message);
+    else if (!(error instanceof api.ApiError && error.status === 404)) status(error.message);
   }
+  if (ticket !== state.opening) return; // another chat was picked meanwhile
   showHistory(session?.messages ?? []);
   if (session?.activeRunId) {
     // An answer is being written: replay it from its first event, then follow it live.
@@ -214,6 +232,7 @@ async function openSession(sessionId) {
 
 function newChat() {
   unfollow();
+  state.opening++;
   state.sessionId = api.newSessionId();
   remember();
   showHistory([]);
@@ -225,8 +244,9 @@ async function refreshSessions() {
   let list;
   try {
     list = await api.listSessions();
-  } catch {
-    return; // the list is a convenience; the chat works without it
+  } catch (error) {
+    if (needsKey(error)) askForKey(error.message);
+    return; // otherwise the list is a convenience; the chat works without it
   }
   els.noSessions.hidden = list.count > 0;
   els.sessions.replaceChildren(...list.sessions.map(sessionItem));
@@ -238,7 +258,11 @@ function sessionItem(session) {
     "button",
     { type: "button", className: "session" },
     h("span", { className: "session-title" }, session.title || "Untitled"),
-    h("span", { className: "session-meta" }, `${ago(session.lastActivity)} · ${session.messageCount} messages`),
+    h(
+      "span",
+      { className: "session-meta" },
+      `${ago(session.lastActivity)} · ${session.messageCount} messages`,
+    ),
   );
   button.dataset.sessionId = session.sessionId;
   return h("li", {}, button);
@@ -266,12 +290,31 @@ function showSessions(open) {
   els.toggle.setAttribute("aria-expanded", String(open));
 }
 
+// -- API keys (only when the server has them) ----------------------------------------
+
+const needsKey = (error) => error instanceof api.ApiError && error.status === 401;
+
+function askForKey(why) {
+  if (els.keyDialog.open) return;
+  // The server's own words are for API clients; a first visit gets plainer ones.
+  els.keyWhy.textContent = api.hasApiKey() ? why : "Enter the key you were given for it.";
+  els.keyInput.value = "";
+  els.keyDialog.showModal();
+}
+
+els.keyForm.addEventListener("submit", () => {
+  // The form's method is "dialog": submitting closes it.
+  api.setApiKey(els.keyInput.value.trim());
+  openSession(state.sessionId);
+  refreshSessions();
+});
+
 // -- wiring ------------------------------------------------------------------------
 
 els.form.addEventListener("submit", (event) => {
   event.preventDefault();
   const message = els.message.value;
-  if (!message.trim() || state.follower) return;
+  if (!message.trim() || state.view) return;
   els.message.value = "";
   fitMessageBox();
   send(message);
@@ -303,7 +346,7 @@ els.sessions.addEventListener("click", (event) => {
   const button = event.target.closest("button[data-session-id]");
   if (!button) return;
   showSessions(false);
-  if (button.dataset.sessionId !== state.sessionId || !state.follower) {
+  if (button.dataset.sessionId !== state.sessionId || !state.view) {
     openSession(button.dataset.sessionId);
   }
 });

@@ -11,9 +11,17 @@ const FENCE = /^\s*```\s*([\w+#.-]*)\s*$/;
 const HEADING = /^(#{1,6})\s+(.*)$/;
 const BULLET = /^\s*[-*+]\s+(.*)$/;
 const NUMBERED = /^\s*(\d{1,9})[.)]\s+(.*)$/;
-// `code` | **bold** | *em* or _em_ | [text](http(s)://…)
-const INLINE =
-  /`([^`\n]+)`|\*\*(?=\S)(.+?)\*\*|\*(?=[^\s*])([^*\n]*?[^\s*])\*|\b_(?=\S)([^_\n]*?\S)_\b|\[([^\]\n]+)\]\((https?:\/\/[^\s()<>]+)\)/;
+const INLINE = new RegExp(
+  [
+    /`([^`\n]+)`/, // `code`
+    /\*\*(?=\S)(.+?)\*\*/, // **bold**
+    /\*(?=[^\s*])([^*\n]*?[^\s*])\*/, // *em*
+    /\b_(?=\S)([^_\n]*?\S)_\b/, // _em_, but not inside snake_case
+    /\[([^\]\n]+)\]\((https?:\/\/[^\s()<>]+)\)/, // [text](url), http(s) only
+  ]
+    .map((part) => part.source)
+    .join("|"),
+);
 
 /** Render Markdown `source` into a DocumentFragment. */
 export function renderMarkdown(source) {

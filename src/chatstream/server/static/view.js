@@ -58,7 +58,9 @@ export class AnswerView {
   render() {
     cancelAnimationFrame(this.frame);
     this.frame = 0;
-    for (const segment of this.dirty) segment.element.replaceChildren(renderMarkdown(segment.source));
+    for (const segment of this.dirty) {
+      segment.element.replaceChildren(renderMarkdown(segment.source));
+    }
     this.dirty.clear();
   }
 
@@ -132,7 +134,9 @@ class ToolCard {
         h("code", { className: "tool-name" }, tool),
         this.state,
       ),
-      args && Object.keys(args).length ? h("code", { className: "tool-args" }, formatArgs(args)) : null,
+      args && Object.keys(args).length
+        ? h("code", { className: "tool-args" }, formatArgs(args))
+        : null,
       this.line,
       this.meter,
       this.output,

@@ -1,0 +1,426 @@
+"""The chat page in a real browser: Debian's Chromium, driven by Playwright, on loopback.
+
+Playwright's own browser download cannot work here, so the system Chromium is launched
+by path (``CHATSTREAM_CHROMIUM``, default ``/usr/bin/chromium``). A missing browser or
+Playwright fails these tests, never skips them: the page is a deliverable like any other.
+
+The tests use Playwright's sync API and are plain ``def`` functions, because the sync
+API refuses to run inside an asyncio loop. Each saves screenshots under its ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from chatstream import messages as m
+from chatstream.config import Settings
+from chatstream.messages import ToolCallRequest
+from tests.fakes.open_meteo import run_fake_open_meteo
+from tests.support.proxy import CuttingProxy, cutting_proxy
+from tests.support.server import LiveServer, live_server
+
+try:
+    from playwright.sync_api import Browser, Page, expect, sync_playwright
+except ImportError as exc:  # the browser fixture fails with what to install
+    PLAYWRIGHT_MISSING: str | None = str(exc)
+else:
+    PLAYWRIGHT_MISSING = None
+
+CHROMIUM = Path(os.environ.get("CHATSTREAM_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 10_000
+
+# Records the newest answer's state at every DOM change, so a test can tell what the page
+# showed while the answer streamed, however fast it went.
+RECORD_ANSWER = """() => {
+  window.__seen = [];
+  const log = document.querySelector("#log");
+  new MutationObserver(() => {
+    const answer = [...log.querySelectorAll(".msg.assistant")].pop();
+    if (!answer) return;
+    window.__seen.push({
+      text: answer.querySelector(".answer").textContent,
+      typing: !answer.querySelector(".typing").hidden,
+      busy: answer.getAttribute("aria-busy") === "true",
+      stop: !document.querySelector("#stop").disabled,
+    });
+  }).observe(log, { childList: true, subtree: true, characterData: true, attributes: true });
+}"""
+
+MARKUP = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+
+
+def counted(n: int) -> str:
+    """The scripted model's answer to ``count to n``."""
+    return " ".join(str(i) for i in range(1, n + 1))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if PLAYWRIGHT_MISSING is not None:
+        pytest.fail(
+            f"Playwright is not installed ({PLAYWRIGHT_MISSING}): pip install playwright",
+            pytrace=False,
+        )
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"Chromium is not installed at {CHROMIUM}: apt-get install -y chromium "
+            "(or set CHATSTREAM_CHROMIUM to its path)",
+            pytrace=False,
+        )
+    expect.set_options(timeout=TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, tmp_path: Path) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1100, "height": 800})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    page.screenshot(path=tmp_path / "last.png")
+    context.close()
+    assert not errors, f"the page threw: {errors}"
+
+
+def slow(settings: Settings, **changes: Any) -> Settings:
+    """Settings whose scripted model writes a token every 30 ms."""
+    return settings.with_(model="scripted:30", **changes)
+
+
+def send(page: Page, message: str) -> None:
+    page.get_by_label("Message").fill(message)
+    page.get_by_label("Message").press("Enter")
+
+
+def answer(page: Page) -> str:
+    return page.locator(".msg.assistant .answer").last.inner_text()
+
+
+def wait_until_answered(page: Page) -> None:
+    expect(page.locator(".msg.assistant").last).to_have_attribute("aria-busy", "false")
+
+
+def showing_step(page: Page, message: str, percent: int) -> None:
+    """Wait until the running tool card shows this progress line and bar."""
+    page.wait_for_function(
+        """([message, percent]) => {
+          const card = document.querySelector(".tool.running");
+          const bar = card?.querySelector("[role=progressbar]");
+          return card?.querySelector(".tool-progress").textContent === message
+            && !bar.hidden && bar.getAttribute("aria-valuenow") === String(percent);
+        }""",
+        arg=[message, percent],
+    )
+
+
+def stored(live: LiveServer, page: Page) -> dict[str, Any]:
+    """The page's session as the server stored it."""
+    session_id = page.locator("#log").get_attribute("data-session-id")
+    response = httpx.get(f"{live.url}/api/chat/sessions/{session_id}", timeout=10)
+    response.raise_for_status()
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_the_answer_streams_in_before_it_is_done(
+    page: Page, settings: Settings, tmp_path: Path
+) -> None:
+    with live_server(slow(settings)) as live:
+        page.goto(live.url)
+        page.evaluate(RECORD_ANSWER)
+        send(page, "count to 40")
+        page.wait_for_function("() => document.querySelector('.answer')?.textContent.length > 20")
+        page.screenshot(path=tmp_path / "streaming.png")
+        wait_until_answered(page)
+        page.screenshot(path=tmp_path / "done.png")
+
+        assert answer(page) == counted(40)
+        seen: list[dict[str, Any]] = page.evaluate("window.__seen")
+        # The typing indicator showed while the first token was on its way …
+        assert any(s["typing"] and s["busy"] and s["text"] == "" for s in seen)
+        # … then the text grew in place while the answer was running and Stop was live.
+        partial = {
+            s["text"]
+            for s in seen
+            if s["busy"] and s["stop"] and s["text"] and s["text"] != counted(40)
+        }
+        assert len(partial) >= 3, seen
+        assert all(counted(40).startswith(text) for text in partial)
+        expect(page.locator("#stop")).to_be_hidden()
+        expect(page.get_by_role("button", name="Send")).to_be_enabled()
+        assert stored(live, page)["messages"][-1]["content"] == counted(40)
+
+
+def test_a_tool_runs_as_a_card_with_live_progress_and_its_result(
+    page: Page, settings: Settings, tmp_path: Path
+) -> None:
+    with run_fake_open_meteo(delay_s=0.4) as weather:
+        configured = settings.with_(
+            model="scripted:10",
+            weather_geocoding_url=weather.geocoding_url,
+            weather_forecast_url=weather.forecast_url,
+        )
+        with live_server(configured) as live:
+            page.goto(live.url)
+            send(page, "What's the weather in Seoul?")
+            card = page.locator(".tool")
+            expect(card.locator(".tool-name")).to_have_text("get_weather")
+            expect(card.locator(".tool-args")).to_have_text('location: "Seoul"')
+            # Each step lasts as long as the fake service's delay; these checks run on
+            # every animation frame, so they cannot miss one (expect() polls too slowly).
+            showing_step(page, "Finding Seoul…", 10)
+            showing_step(page, "Fetching the forecast for Seoul, South Korea…", 50)
+            page.screenshot(path=tmp_path / "tool-running.png")
+
+            expect(card).to_have_class("tool ok")
+            expect(card.locator(".tool-state")).to_have_text("Done")
+            expect(card.locator(".tool-result")).to_contain_text("Seoul, South Korea: 20.1°C")
+            wait_until_answered(page)
+            assert answer(page).endswith(
+                "Here is what I found: " + card.locator(".tool-result").inner_text()
+            )
+            page.screenshot(path=tmp_path / "tool-done.png")
+
+
+def test_a_failing_tool_shows_its_error_and_the_answer_goes_on(
+    page: Page, settings: Settings
+) -> None:
+    # The conftest points the weather service at a closed port.
+    with live_server(settings) as live:
+        page.goto(live.url)
+        send(page, "What's the weather in Seoul?")
+        card = page.locator(".tool")
+        expect(card).to_have_class("tool failed")
+        expect(card.locator(".tool-state")).to_have_text("Failed")
+        expect(card.locator(".tool-result")).to_contain_text("unreachable")
+        wait_until_answered(page)
+        assert "get_weather failed" in answer(page)
+
+
+def test_stop_ends_the_answer_and_it_is_stored_as_interrupted(
+    page: Page, settings: Settings, tmp_path: Path
+) -> None:
+    with live_server(slow(settings)) as live:
+        page.goto(live.url)
+        send(page, "count to 300")
+        expect(page.locator(".answer").last).to_contain_text("1 2 3 4 5")
+        page.get_by_role("button", name="Stop").click()
+
+        turn = page.locator(".msg.assistant").last
+        expect(turn).to_have_class("msg assistant interrupted")
+        expect(turn.locator(".note")).to_have_text("Stopped — this answer is incomplete.")
+        expect(page.locator("#stop")).to_be_hidden()
+        shown = answer(page)
+        page.wait_for_timeout(300)
+        assert answer(page) == shown, "text kept coming after Stop"
+        assert counted(300).startswith(shown) and shown != counted(300)
+        page.screenshot(path=tmp_path / "stopped.png")
+
+        last = stored(live, page)["messages"][-1]
+        assert last["interrupted"] is True
+        assert last["content"].rstrip() == shown  # inner_text drops the trailing space
+
+        # The stored history shows the answer as interrupted too.
+        page.reload()
+        expect(page.locator(".msg.assistant.interrupted .note")).to_contain_text("Interrupted")
+        assert answer(page) == shown
+
+
+def test_a_reload_resumes_the_answer_in_progress(
+    page: Page, settings: Settings, tmp_path: Path
+) -> None:
+    with live_server(slow(settings)) as live:
+        page.goto(live.url)
+        send(page, "count to 100")
+        expect(page.locator(".answer").last).to_contain_text("1 2 3 4 5 ")
+        page.reload()
+        # Back on its feet mid-answer: the answer is still being written.
+        expect(page.locator(".msg.assistant").last).to_have_attribute("aria-busy", "true")
+        expect(page.get_by_role("button", name="Stop")).to_be_enabled()
+        page.screenshot(path=tmp_path / "resumed.png")
+        wait_until_answered(page)
+
+        assert answer(page) == counted(100)
+        expect(page.locator(".msg.user")).to_have_text(["count to 100"])
+        expect(page.locator(".msg.assistant")).to_have_count(1)
+        messages = stored(live, page)["messages"]
+        assert [(msg["role"], msg["content"]) for msg in messages] == [
+            ("user", "count to 100"),
+            ("assistant", counted(100)),
+        ]
+        assert "interrupted" not in messages[-1]
+
+
+def test_a_dropped_connection_resumes_with_no_lost_or_repeated_text(
+    page: Page, settings: Settings
+) -> None:
+    with live_server(slow(settings, retry_ms=200)) as live:
+        proxy_cm = cutting_proxy(live.url)
+        proxy: CuttingProxy = live.call(proxy_cm.__aenter__())  # type: ignore[assignment]
+        try:
+            page.goto(proxy.url)
+            send(page, "count to 60")
+            expect(page.locator(".answer").last).to_contain_text("1 2 3 4 5 ")
+            before = proxy.connections
+            assert live.loop is not None
+            live.loop.call_soon_threadsafe(proxy.cut)
+            wait_until_answered(page)
+            assert answer(page) == counted(60)
+            assert proxy.connections > before, "the page never reconnected"
+        finally:
+            live.call(proxy_cm.__aexit__(None, None, None))
+
+
+def test_a_refused_message_is_reported_in_the_conversation(page: Page, settings: Settings) -> None:
+    with live_server(settings.with_(max_message_chars=20)) as live:
+        page.goto(live.url)
+        send(page, "a message that is longer than the limit")
+        note = page.locator(".msg.assistant .note.error")
+        expect(note).to_contain_text("The server refused this message")
+        expect(page.locator("#stop")).to_be_hidden()
+        expect(page.get_by_role("button", name="Send")).to_be_enabled()
+        # The page works on after a refusal.
+        send(page, "count to 3")
+        wait_until_answered(page)
+        assert answer(page) == counted(3)
+
+
+def test_a_server_with_api_keys_asks_for_one(page: Page, settings: Settings) -> None:
+    with live_server(settings.with_(api_keys=("s3cret",))) as live:
+        page.goto(live.url)
+        dialog = page.get_by_role("dialog", name="This server needs an API key")
+        expect(dialog).to_be_visible()
+        dialog.get_by_label("API key").fill("wrong")
+        dialog.get_by_role("button", name="Use this key").click()
+        expect(dialog).to_contain_text("The API key is not valid.")
+        dialog.get_by_label("API key").fill("s3cret")
+        dialog.get_by_role("button", name="Use this key").click()
+        expect(dialog).to_be_hidden()
+        send(page, "count to 3")
+        wait_until_answered(page)
+        assert answer(page) == counted(3)
+        expect(page.locator("#session-list button")).to_have_count(1)
+
+
+def test_new_chat_and_picking_a_previous_chat(page: Page, settings: Settings) -> None:
+    with live_server(settings) as live:
+        page.goto(live.url)
+        send(page, "count to 3")
+        wait_until_answered(page)
+        first = page.locator("#log").get_attribute("data-session-id")
+
+        page.get_by_role("button", name="New chat").click()
+        expect(page.get_by_role("heading", name="What can I help with?")).to_be_visible()
+        expect(page.locator(".msg")).to_have_count(0)
+        send(page, "count to 5")
+        wait_until_answered(page)
+        assert page.locator("#log").get_attribute("data-session-id") != first
+
+        chats = page.locator("#session-list button")
+        expect(chats).to_have_count(2)
+        page.locator(f'#session-list button[data-session-id="{first}"]').click()
+        expect(page.locator(".msg.user")).to_have_text(["count to 3"])
+        assert answer(page) == counted(3)
+        expect(page.locator(f'button[data-session-id="{first}"]')).to_have_attribute(
+            "aria-current", "page"
+        )
+
+
+def test_the_page_fits_a_phone_screen_in_dark_mode(
+    browser: Browser, settings: Settings, tmp_path: Path
+) -> None:
+    context = browser.new_context(
+        viewport={"width": 390, "height": 844}, color_scheme="dark", has_touch=True
+    )
+    try:
+        page = context.new_page()
+        with live_server(settings) as live:
+            page.goto(live.url)
+            send(page, "What's the weather in Seoul?")
+            wait_until_answered(page)
+            page.screenshot(path=tmp_path / "phone-dark.png")
+            assert page.evaluate("document.scrollingElement.scrollWidth") <= 390
+            expect(page.get_by_label("Message")).to_be_in_viewport()
+            expect(page.locator(".tool")).to_be_in_viewport()
+            # The chat list slides in over the conversation, and out again once used.
+            chats = page.locator("#sessions")
+            expect(chats).to_be_hidden()
+            page.get_by_role("button", name="Show chats").click()
+            expect(chats).to_be_in_viewport(ratio=1)
+            page.screenshot(path=tmp_path / "phone-dark-chats.png")
+            page.get_by_role("button", name="New chat").click()
+            expect(chats).to_be_hidden()
+            expect(page.locator(".msg")).to_have_count(0)
+    finally:
+        context.close()
+
+
+def test_markup_from_users_models_and_tools_is_shown_as_text(
+    page: Page, settings: Settings, tmp_path: Path
+) -> None:
+    call = ToolCallRequest(id="call_1", name="calculate", arguments={"expression": MARKUP})
+    answer_text = (
+        f"**Bold** and *em*, `code`, [a link](https://example.com/?a=1&b=2), "
+        f"[not a link](javascript:window.__pwned=3) and {MARKUP}\n\n- one\n- two\n\n"
+        f"```\n{MARKUP}\n```"
+    )
+    with live_server(settings) as live:
+        live.call(
+            live.runtime.store.append(
+                "s_markup",
+                [
+                    m.user(f"Look: {MARKUP}"),
+                    m.assistant("", tool_calls=(call,)),
+                    m.tool_result(call, f"bad input {MARKUP}", is_error=True),
+                    m.assistant(answer_text),
+                ],
+            )
+        )
+        page.goto(live.url)
+        page.locator('#session-list button[data-session-id="s_markup"]').click()
+        expect(page.locator(".tool-result")).to_have_text(f"bad input {MARKUP}")
+        # Typed in the page too: the user's own text is never markup either.
+        send(page, f"Hello {MARKUP} **not bold**")
+        wait_until_answered(page)
+        page.wait_for_timeout(200)  # give an <img onerror> the time it would need to fire
+        page.screenshot(path=tmp_path / "markup.png", full_page=True)
+
+        log = page.locator("#log")
+        assert log.locator("img, script, iframe, svg, object").count() == 0
+        assert page.evaluate("window.__pwned") is None
+        expect(page.locator(".msg.user .bubble")).to_have_text(
+            [f"Look: {MARKUP}", f"Hello {MARKUP} **not bold**"]
+        )
+        expect(page.locator(".tool-args")).to_have_text(f"expression: {json.dumps(MARKUP)}")
+        text = page.locator(".msg.assistant .text").nth(0)
+        expect(text.locator("strong")).to_have_text("Bold")
+        expect(text.locator("em")).to_have_text("em")
+        expect(text.locator("p > code")).to_have_text("code")
+        expect(text.locator("li")).to_have_text(["one", "two"])
+        expect(text.locator("pre code")).to_have_text(MARKUP)
+        links = text.locator("a")
+        expect(links).to_have_count(1)
+        expect(links).to_have_attribute("href", "https://example.com/?a=1&b=2")
+        expect(text).to_contain_text(f"[not a link](javascript:window.__pwned=3) and {MARKUP}")
