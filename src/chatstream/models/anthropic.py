@@ -26,7 +26,8 @@ import orjson
 from chatstream.errors import ModelError
 from chatstream.messages import Message, ToolCallRequest, model_text
 from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
-from chatstream.models.openai import (
+from chatstream.models.http import (
+    LIMITS,
     SSEDecoder,
     error_detail,
     parse_arguments,
@@ -37,7 +38,6 @@ __all__ = ["AnthropicModel", "MessagesReader", "anthropic_messages"]
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 API_VERSION = "2023-06-01"
-_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=30)
 
 
 def anthropic_messages(messages: Sequence[Message]) -> tuple[str, list[dict[str, Any]]]:
@@ -225,7 +225,7 @@ class AnthropicModel:
         self._client = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            limits=_LIMITS,
+            limits=LIMITS,
             transport=transport,
         )
 
