@@ -94,3 +94,20 @@ async def test_a_stream_relays_upstream_tool_calls_and_usage(
     # The second request carried the tool round back to the model.
     second = upstream.requests[1].body["messages"]
     assert [m["role"] for m in second[-3:]] == ["assistant", "tool", "tool"]
+
+
+async def test_tool_arguments_that_are_not_json_are_a_readable_tool_error(
+    settings: Settings, upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream.enqueue(
+        Completion(tool_calls=[Call("calculate", '{"expression": "2+', fragments=2)]),
+        Completion(text=["Sorry."]),
+    )
+    monkeypatch.setenv("OPENAI_BASE_URL", upstream.url)
+    with live_server(settings.with_(model="openai:fake-model")) as live:
+        async with httpx.AsyncClient(base_url=live.url, timeout=30) as http:
+            result = await stream(http, "GET", "/api/chat/stream", params={"message": "2+?"})
+    tool_result = result.of("tool_result")[0]
+    assert tool_result["isError"] is True
+    assert tool_result["result"].startswith("The arguments for calculate were not a JSON object")
+    assert result.types[-1] == "done"

@@ -18,6 +18,7 @@ from chatstream.errors import ToolError
 from chatstream.events import Event, Token, ToolCall, ToolProgress, ToolResult
 from chatstream.messages import Message, ToolCallRequest
 from chatstream.models.base import Model, TextDelta, Usage
+from chatstream.models.http import RAW_ARGUMENTS
 from chatstream.prompts import SYSTEM_PROMPT
 from chatstream.tools.base import ToolContext, ToolRegistry
 
@@ -148,6 +149,9 @@ class Agent:
         tool = self.tools.get(call.name)
         if tool is None:
             return f"There is no tool called {call.name!r}.", True
+        if RAW_ARGUMENTS in call.arguments:
+            raw = str(call.arguments[RAW_ARGUMENTS])[:200]
+            return f"The arguments for {call.name} were not a JSON object: {raw}", True
         try:
             async with asyncio.timeout(self.tool_timeout_s):
                 return await tool(ctx, call.arguments), False
