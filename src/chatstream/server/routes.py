@@ -227,10 +227,7 @@ async def _resumable(request: Request, caller: str, last_event_id: str) -> tuple
     tags=["chat"],
 )
 async def cancel_run(request: Request, caller: Caller, run_id: str) -> RunOut:
-    status = await runtime_of(request).runs.cancel(run_id, owner=caller)
-    if status is None:
-        raise RequestError(404, "RUN_NOT_FOUND", f"No run {run_id!r} is known (or it expired).")
-    return _run_out(status)
+    return _run_out(run_id, await runtime_of(request).runs.cancel(run_id, owner=caller))
 
 
 @router.get(
@@ -241,13 +238,13 @@ async def cancel_run(request: Request, caller: Caller, run_id: str) -> RunOut:
     tags=["chat"],
 )
 async def get_run(request: Request, caller: Caller, run_id: str) -> RunOut:
-    status = await runtime_of(request).runs.status(run_id, owner=caller)
+    return _run_out(run_id, await runtime_of(request).runs.status(run_id, owner=caller))
+
+
+def _run_out(run_id: str, status: RunStatus | None) -> RunOut:
+    """The run's state; 404 when it is unknown, expired, or another caller's."""
     if status is None:
         raise RequestError(404, "RUN_NOT_FOUND", f"No run {run_id!r} is known (or it expired).")
-    return _run_out(status)
-
-
-def _run_out(status: RunStatus) -> RunOut:
     return RunOut(
         runId=status.run_id,
         sessionId=status.session_id,
