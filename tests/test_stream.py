@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 
 import httpx
 import orjson
@@ -283,3 +284,18 @@ async def test_a_tool_that_times_out_is_an_error_result(settings: Settings) -> N
     assert tool_result["isError"] is True
     assert "timed out" in tool_result["result"]
     assert result.types[-1] == "done"
+
+
+def test_a_raw_utf8_url_like_curl_sends_works(server: LiveServer) -> None:
+    """The seed's curl example puts Korean in the URL unencoded; it must still stream."""
+    host, port = server.url.removeprefix("http://").split(":")
+    target = "/api/chat/stream?message=안녕하세요&enableTools=true".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert "안녕하세요!".encode() in body
+    assert b"event: done" in body
