@@ -22,7 +22,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from chatstream.config import Settings
 
-
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
 
 
