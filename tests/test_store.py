@@ -111,3 +111,16 @@ async def test_owners_list_only_their_own_sessions(store: SessionStore) -> None:
     assert await store.delete(scoped("kA", "same-id")) is True
     assert await store.list(owner="kA") == []
     assert [s.title for s in await store.list(owner="kB")] == ["from B"]
+
+
+async def test_concurrent_turns_in_one_session_are_all_stored(
+    store: SessionStore,
+) -> None:
+    # Many turns at once, several per session: none may be lost or break another.
+    sessions = [f"c{i}" for i in range(8)]
+    await asyncio.gather(*(store.append(sessions[i % 8], a_turn(f"turn {i}")) for i in range(48)))
+    for name in sessions:
+        loaded = await store.load(name)
+        assert loaded is not None
+        assert loaded.history_length == 12
+        assert len(loaded.messages) == 24

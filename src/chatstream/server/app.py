@@ -117,6 +117,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Stream an LLM agent's answer and tool work over Server-Sent Events.",
         lifespan=lifespan,
+        # FastAPI's built-in OpenTelemetry looks up the global providers (os.environ
+        # reads) on every request even when none is configured.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     errors.install(app)
     app.include_router(routes.router)

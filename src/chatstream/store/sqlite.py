@@ -1,12 +1,23 @@
-"""SQLite session store: one file, WAL, a versioned schema, one write per turn."""
+"""SQLite session store: one file, WAL, a versioned schema, one write per turn.
+
+The connection lives on one worker thread, and every store call is one function run
+there: a turn's load is one hop to that thread, its append (one transaction) another.
+Two things follow: calls cannot interleave, so concurrent turns cannot see or roll
+back each other's half-written transactions; and a turn costs two thread hops instead
+of one per statement, fetch and commit (about a quarter of the CPU with aiosqlite).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
-import aiosqlite
 import orjson
 
 from chatstream.errors import StoreError
@@ -14,6 +25,7 @@ from chatstream.messages import Message
 from chatstream.store.base import Session, SessionSummary, unscoped
 
 SCHEMA_VERSION = 1
+T = TypeVar("T")
 
 _SCHEMA = [
     """
@@ -37,13 +49,52 @@ _SCHEMA = [
 ]
 
 
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open and migrate; runs on the store's thread."""
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=5000")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} has schema version {version}; this chatstream knows up to "
+                f"{SCHEMA_VERSION}. Upgrade chatstream or use another file."
+            )
+        if version < SCHEMA_VERSION:
+            with _transaction(db):
+                for statement in _SCHEMA:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+class _transaction:
+    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any error."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
 class SQLiteStore:
     """Sessions in a SQLite file; opened with ``await SQLiteStore.open(path)``."""
 
     name = "sqlite"
 
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+    def __init__(self, db: sqlite3.Connection, path: Path, thread: ThreadPoolExecutor) -> None:
         self._db = db
+        self._thread = thread
         self.path = path
 
     @classmethod
@@ -52,91 +103,84 @@ class SQLiteStore:
         path = Path(path)
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path)
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatstream-sqlite")
         try:
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=NORMAL")
-            await db.execute("PRAGMA foreign_keys=ON")
-            await db.execute("PRAGMA busy_timeout=5000")
-            async with db.execute("PRAGMA user_version") as cursor:
-                row = await cursor.fetchone()
-            version = row[0] if row else 0
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{path} has schema version {version}; this chatstream knows up to "
-                    f"{SCHEMA_VERSION}. Upgrade chatstream or use another file."
-                )
-            if version < SCHEMA_VERSION:
-                for statement in _SCHEMA:
-                    await db.execute(statement)
-                await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                await db.commit()
+            db = await asyncio.get_running_loop().run_in_executor(thread, _connect, path)
         except BaseException:
-            await db.close()
+            thread.shutdown(wait=False)
             raise
-        return cls(db, path)
+        return cls(db, path, thread)
 
-    async def load(self, session_id: str) -> Session | None:
-        """The session with its messages in order, or None."""
+    async def _run(self, call: Callable[[], T], failure: str) -> T:
         try:
-            async with self._db.execute(
-                "SELECT created_at, last_activity FROM sessions WHERE id = ?", (session_id,)
-            ) as cursor:
-                row = await cursor.fetchone()
-            if row is None:
-                return None
-            async with self._db.execute(
-                "SELECT body FROM messages WHERE session_id = ? ORDER BY position", (session_id,)
-            ) as cursor:
-                bodies = await cursor.fetchall()
-        except aiosqlite.Error as exc:
-            raise StoreError(f"could not read session {session_id!r}: {exc}") from exc
+            return await asyncio.get_running_loop().run_in_executor(self._thread, call)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{failure}: {exc}") from exc
+
+    def _load(self, session_id: str) -> Session | None:
+        row = self._db.execute(
+            "SELECT created_at, last_activity FROM sessions WHERE id = ?", (session_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        bodies = self._db.execute(
+            "SELECT body FROM messages WHERE session_id = ? ORDER BY position", (session_id,)
+        ).fetchall()
         messages = tuple(Message.from_dict(orjson.loads(body)) for (body,) in bodies)
         return Session(session_id, messages, created_at=row[0], last_activity=row[1])
 
-    async def append(self, session_id: str, messages: Sequence[Message]) -> Session:
-        """Add a turn's messages in one transaction and return the whole session."""
+    async def load(self, session_id: str) -> Session | None:
+        """The session with its messages in order, or None."""
+        return await self._run(
+            lambda: self._load(session_id), f"could not read session {session_id!r}"
+        )
+
+    def _append(self, session_id: str, messages: Sequence[Message]) -> Session:
         now = time.time()
         title = next((m.content[:80] for m in messages if m.role == "user"), "")
-        try:
-            await self._db.execute(
+        db = self._db
+        with _transaction(db):
+            db.execute(
                 "INSERT INTO sessions (id, created_at, last_activity, title) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT(id) DO UPDATE SET last_activity = excluded.last_activity",
                 (session_id, now, now, title),
             )
-            async with self._db.execute(
+            row = db.execute(
                 "SELECT message_count FROM sessions WHERE id = ?", (session_id,)
-            ) as cursor:
-                row = await cursor.fetchone()
+            ).fetchone()
             start = row[0] if row else 0
-            await self._db.executemany(
+            db.executemany(
                 "INSERT INTO messages (session_id, position, body) VALUES (?, ?, ?)",
                 [
                     (session_id, start + i, orjson.dumps(_stamped(msg, now).to_dict()))
                     for i, msg in enumerate(messages)
                 ],
             )
-            await self._db.execute(
+            db.execute(
                 "UPDATE sessions SET message_count = ?, title = CASE WHEN title = '' THEN ? "
                 "ELSE title END WHERE id = ?",
                 (start + len(messages), title, session_id),
             )
-            await self._db.commit()
-        except aiosqlite.Error as exc:
-            await self._db.rollback()
-            raise StoreError(f"could not write session {session_id!r}: {exc}") from exc
-        session = await self.load(session_id)
+        session = self._load(session_id)
         assert session is not None
         return session
 
+    async def append(self, session_id: str, messages: Sequence[Message]) -> Session:
+        """Add a turn's messages in one transaction and return the whole session."""
+        return await self._run(
+            lambda: self._append(session_id, messages), f"could not write session {session_id!r}"
+        )
+
+    def _delete(self, session_id: str) -> bool:
+        with _transaction(self._db):
+            cursor = self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        return cursor.rowcount > 0
+
     async def delete(self, session_id: str) -> bool:
         """Remove a session and its messages."""
-        try:
-            cursor = await self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
-            await self._db.commit()
-        except aiosqlite.Error as exc:
-            raise StoreError(f"could not delete session {session_id!r}: {exc}") from exc
-        return cursor.rowcount > 0
+        return await self._run(
+            lambda: self._delete(session_id), f"could not delete session {session_id!r}"
+        )
 
     async def list(self, *, limit: int = 50, owner: str = "") -> list[SessionSummary]:
         """An owner's recent sessions, most recently active first."""
@@ -144,31 +188,30 @@ class SQLiteStore:
             where, args = "substr(id, 1, ?) = ?", [len(owner) + 1, owner + "/"]
         else:
             where, args = "instr(id, '/') = 0", []
-        async with self._db.execute(
+        query = (
             "SELECT id, title, created_at, last_activity, message_count FROM sessions"
-            f" WHERE {where} ORDER BY last_activity DESC LIMIT ?",
-            (*args, limit),
-        ) as cursor:
-            rows = await cursor.fetchall()
+            f" WHERE {where} ORDER BY last_activity DESC LIMIT ?"
+        )
+        rows = await self._run(
+            lambda: self._db.execute(query, (*args, limit)).fetchall(), "could not list sessions"
+        )
         return [SessionSummary(unscoped(r[0])[1], r[1], r[2], r[3], r[4]) for r in rows]
 
     async def ping(self) -> bool:
         """Run a trivial query."""
         try:
-            async with self._db.execute("SELECT 1") as cursor:
-                await cursor.fetchone()
-        except aiosqlite.Error:
+            await self._run(lambda: self._db.execute("SELECT 1").fetchone(), "ping")
+        except StoreError:
             return False
         return True
 
     async def close(self) -> None:
-        """Close the connection (checkpointing the WAL)."""
-        await self._db.close()
+        """Close the connection (checkpointing the WAL) and its thread."""
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._db.close)
+        self._thread.shutdown(wait=True)
 
 
 def _stamped(message: Message, now: float) -> Message:
     if message.created_at is not None:
         return message
-    from dataclasses import replace
-
     return replace(message, created_at=now)
