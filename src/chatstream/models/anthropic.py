@@ -27,7 +27,7 @@ from chatstream.errors import ModelError
 from chatstream.messages import Message, ToolCallRequest, model_text
 from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
 from chatstream.models.http import (
-    LIMITS,
+    ClientPool,
     SSEDecoder,
     error_detail,
     parse_arguments,
@@ -222,10 +222,9 @@ class AnthropicModel:
         if api_key:
             headers["x-api-key"] = api_key
         self._url = f"{self.base_url}/v1/messages"
-        self._client = httpx.AsyncClient(
+        self._clients = ClientPool(
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            limits=LIMITS,
             transport=transport,
         )
 
@@ -250,8 +249,8 @@ class AnthropicModel:
         """Stream one model turn: text deltas, tool calls as their blocks end, then usage."""
         body = self.request_body(messages, tools)
         reader = MessagesReader(self.name)
-        return stream_events(self._client, self._url, body, reader, self.name)
+        return stream_events(self._clients, self._url, body, reader, self.name)
 
     async def aclose(self) -> None:
         """Close the HTTP client and its pooled connections."""
-        await self._client.aclose()
+        await self._clients.aclose()

@@ -7,7 +7,8 @@ Events over HTTP; what differs is the JSON inside, which each backend's
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Protocol
 
 import httpx
@@ -19,7 +20,38 @@ from chatstream.models.base import ModelEvent
 RAW_ARGUMENTS = "_raw"
 # Error bodies are read for their message only; a proxy's HTML page need not be read whole.
 _MAX_ERROR_BODY = 64 * 1024
-LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=30)
+# httpcore's pool walks all its connections on every request and release, which is
+# quadratic work at a thousand concurrent streams (bench/run.py measured it taking most
+# of the CPU and seconds of time to first token at C=1,000). Several small pools, used in
+# turn, keep each walk short; together they allow as many connections as one big pool.
+POOL_SHARDS = 16
+LIMITS = httpx.Limits(max_connections=128, max_keepalive_connections=32, keepalive_expiry=30)
+
+
+class ClientPool:
+    """``POOL_SHARDS`` httpx clients with the same settings; a request takes the least busy.
+
+    The least busy, lowest first: one request at a time always uses the first client and
+    its kept-alive connection, while concurrent requests spread over all of them.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self._clients = [httpx.AsyncClient(limits=LIMITS, **options) for _ in range(POOL_SHARDS)]
+        self._busy = [0] * POOL_SHARDS
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator[httpx.AsyncClient]:
+        """A client for one request, counted busy until the block ends."""
+        index = self._busy.index(min(self._busy))
+        self._busy[index] += 1
+        try:
+            yield self._clients[index]
+        finally:
+            self._busy[index] -= 1
+
+    async def aclose(self) -> None:
+        for client in self._clients:
+            await client.aclose()
 
 
 class SSEDecoder:
@@ -142,14 +174,14 @@ class EventReader(Protocol):
 
 
 async def stream_events(
-    client: httpx.AsyncClient, url: str, body: bytes, reader: EventReader, name: str
+    clients: ClientPool, url: str, body: bytes, reader: EventReader, name: str
 ) -> AsyncGenerator[ModelEvent, None]:
     """POST ``body`` to ``url`` and yield the events ``reader`` finds in the streamed answer."""
     started = False
     try:
         # ``async with`` inside the generator: closing the generator (cancel, aclose)
         # closes the HTTP response, so the provider stops generating.
-        async with client.stream("POST", url, content=body) as response:
+        async with clients.lease() as client, client.stream("POST", url, content=body) as response:
             if response.status_code >= 400:
                 raise await http_error(name, response)
             if "text/event-stream" not in response.headers.get("content-type", ""):

@@ -32,8 +32,8 @@ from chatstream.errors import ModelError
 from chatstream.messages import Message, ToolCallRequest, model_text
 from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
 from chatstream.models.http import (
-    LIMITS,
     RAW_ARGUMENTS,
+    ClientPool,
     SSEDecoder,
     error_detail,
     parse_arguments,
@@ -231,10 +231,9 @@ class OpenAIModel:
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self._url = f"{self.base_url}/chat/completions"
-        self._client = httpx.AsyncClient(
+        self._clients = ClientPool(
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            limits=LIMITS,
             transport=transport,
         )
 
@@ -256,8 +255,8 @@ class OpenAIModel:
         """Stream one model turn: text deltas, then tool calls, then usage."""
         body = self.request_body(messages, tools)
         reader = ChatCompletionsReader(self.name)
-        return stream_events(self._client, self._url, body, reader, self.name)
+        return stream_events(self._clients, self._url, body, reader, self.name)
 
     async def aclose(self) -> None:
         """Close the HTTP client and its pooled connections."""
-        await self._client.aclose()
+        await self._clients.aclose()

@@ -1,0 +1,558 @@
+"""The embedded model: a GGUF file run in-process by llama.cpp, with no network and no key.
+
+``LocalModel()`` runs the pinned default weights (see ``weights.py``);
+``LocalModel(path)`` runs any GGUF with a chat template. The weights load lazily, on the
+first request, in the worker thread (0.3-1 s once the file is assembled; assembling it
+from the packages on the very first run adds a couple of seconds); call ``await
+model.load()`` to pay for it at startup instead.
+
+How it works, and where it departs from a hosted provider:
+
+* One generation at a time runs on the shared model; later requests wait their turn in
+  FIFO order, at most ``queue_limit`` of them, beyond which ``ModelBusyError``
+  (``MODEL_BUSY``) is raised at once instead of queueing without bound.
+* Blocking llama.cpp code runs in a worker thread per request; ``_bridge`` is the one place
+  where it meets the event loop. Closing the stream sets a ``threading.Event`` that the
+  worker checks between tokens (and between chunks of the prompt), so a cancelled run
+  stops within one token; ``aclose`` on the stream returns once the worker has let go.
+* Tool calls come from constrained decoding (``grammar.py``): a reply is plain text or
+  exactly one well-formed call of an offered tool. Only the first token is sampled under
+  the grammar for a text reply, which decides it and keeps the rest of the answer at full
+  speed; a call is decoded under the grammar to its end, never streamed as text.
+* Tool results are restated to the model in a user turn, not as the template's tool
+  message: small models loop on the latter and answer from the former. A call that repeats
+  one already made in the same turn is dropped and the model is asked for a text reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import functools
+import json
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+import numpy.typing as npt
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_grammar import LlamaGrammar
+
+from chatstream.errors import ModelError
+from chatstream.messages import Message, ToolCallRequest, model_text
+from chatstream.models import grammar
+from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
+from chatstream.models.weights import default_model_path
+from chatstream.prompts import (
+    SYSTEM_PROMPT,
+    local_answer_examples,
+    local_tool_guide,
+    restate_results,
+)
+
+log = logging.getLogger("chatstream.models.local")
+
+# The prompt is evaluated in chunks of this many tokens, so a cancel waits at most one
+# chunk (about 0.3 s on two cores) instead of the whole prompt.
+_PREFILL_CHUNK = 64
+
+# A reply is a call when call-shaped tokens get at least this share of the first token's
+# probability (see ``LocalModel._call_intent``). Measured on bench/tool_accuracy.py, calls
+# score well above it and small talk well below.
+_CALL_THRESHOLD = 0.5
+
+# What the first character of each vocabulary entry says about a reply that starts with it.
+_NEUTRAL, _TEXT_SHAPED, _CALL_SHAPED = 0, 1, 2
+
+# Used when a GGUF carries no chat template: ChatML, which most instruct models know.
+_CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Appended to the system message when the model's template ignores the tools it is given.
+_TOOLS_SECTION = (
+    "\n\n# Tools\n\nYou may call one of these functions when the user asks for what it "
+    "provides:\n<tools>\n{tools}\n</tools>\n\nTo call one, reply with only:\n"
+    '<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+)
+
+
+class ModelBusyError(ModelError):
+    """Too many requests are already waiting for the local model."""
+
+    code = "MODEL_BUSY"
+
+
+Job = Callable[[threading.Event], Iterator[ModelEvent]]
+
+
+class LocalModel:
+    """A GGUF model run by llama.cpp in-process; see the module docstring."""
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        n_ctx: int = 4096,
+        max_tokens: int = 512,
+        queue_limit: int = 8,
+        n_threads: int | None = None,
+        temperature: float = 0.3,
+    ) -> None:
+        self.name = "local" if path is None else f"local:{path}"
+        self.path = path
+        self.n_ctx = n_ctx
+        self.max_tokens = max_tokens
+        self.n_threads = n_threads
+        self.temperature = temperature
+        self.load_seconds: float | None = None
+        self._turns = _TurnQueue(queue_limit)
+        # Serialises every use of the llama.cpp objects across worker threads, even when a
+        # cancelled consumer has already given its turn away.
+        self._llm_lock = threading.Lock()
+        self._llm: llama_cpp.Llama | None = None
+        self._formatter: Jinja2ChatFormatter | None = None
+        self._grammars: dict[str, LlamaGrammar] = {}
+        self._shapes: npt.NDArray[np.int8] | None = None
+        self._running: set[threading.Event] = set()
+
+    async def load(self) -> None:
+        """Load the weights now rather than on the first request."""
+        async with self._turns.turn():
+            async for _ in self._bridge(self._load_job):
+                pass
+
+    async def stream(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+    ) -> AsyncGenerator[ModelEvent, None]:
+        """Stream one reply: text deltas or one tool call, then usage."""
+        async with self._turns.turn():
+            job = functools.partial(self._reply, list(messages), list(tools))
+            async for event in self._bridge(job):
+                yield event
+
+    async def aclose(self) -> None:
+        """Stop a running generation and free the weights (a later request reloads them)."""
+        for stop in list(self._running):
+            stop.set()
+        async for _ in self._bridge(self._unload_job):
+            pass
+
+    async def _bridge(self, job: Job) -> AsyncIterator[ModelEvent]:
+        """Run ``job`` in a worker thread and yield what it makes: the one sync/async bridge."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[ModelEvent | Exception | None] = asyncio.Queue()
+        stop = threading.Event()
+
+        def emit(item: ModelEvent | Exception | None) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                stop.set()
+
+        def work() -> None:
+            try:
+                with self._llm_lock:
+                    for event in job(stop):
+                        if stop.is_set():
+                            break
+                        emit(event)
+            except Exception as exc:  # handed to the consumer, raised there
+                emit(exc)
+            finally:
+                emit(None)
+
+        thread = threading.Thread(target=work, name="chatstream-local-model", daemon=True)
+        self._running.add(stop)
+        thread.start()
+        finished = False
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, ModelError):
+                    raise item
+                if isinstance(item, Exception):
+                    raise ModelError(f"the local model failed: {item}") from item
+                yield item
+            finished = True
+        finally:
+            stop.set()
+            self._running.discard(stop)
+            if not finished:
+                # Keep our turn until the worker has let go of the model, so that the next
+                # request never waits on it unseen; the worker stops within one token.
+                while await queue.get() is not None:
+                    pass
+
+    def _load_job(self, stop: threading.Event) -> Iterator[ModelEvent]:
+        self._loaded()
+        return iter(())
+
+    def _unload_job(self, stop: threading.Event) -> Iterator[ModelEvent]:
+        if self._llm is not None:
+            self._llm.close()
+        self._llm = self._formatter = self._shapes = None
+        self._grammars.clear()
+        return iter(())
+
+    def _loaded(self) -> llama_cpp.Llama:
+        """The llama.cpp model, loaded on first use (worker thread, under the model lock)."""
+        if self._llm is not None:
+            return self._llm
+        started = time.perf_counter()
+        path = self.path if self.path is not None else default_model_path()
+        if not path.is_file():
+            raise ModelError(f"model file {path} does not exist")
+        try:
+            llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=self.n_ctx,
+                n_threads=self.n_threads,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"llama.cpp cannot load model file {path}: {exc}") from exc
+        self._formatter = _formatter(llm)
+        self._shapes = _shapes(llm)
+        self._llm = llm
+        self.load_seconds = time.perf_counter() - started
+        log.info("loaded %s in %.2f s", path, self.load_seconds)
+        return llm
+
+    def _reply(
+        self, messages: list[Message], tools: list[ToolSpec], stop: threading.Event
+    ) -> Iterator[ModelEvent]:
+        """One reply, in the worker thread: text deltas or one call, then usage."""
+        llm = self._loaded()
+        assert self._formatter is not None
+        prompt = _prompt_tokens(llm, self._formatter, messages, tools, self.n_ctx - self.max_tokens)
+        if not _prefill(llm, prompt, stop):
+            return
+        completion = 0
+        intent = self._call_intent(llm) if tools else 0.0
+        log.debug("call intent %.2f", intent)
+        if intent >= _CALL_THRESHOLD:
+            ids = self._call(llm, prompt, tools, stop)
+            completion += len(ids)
+            if stop.is_set():
+                return
+            parsed = grammar.parse_call(llm.detokenize(ids).decode("utf-8", "replace"))
+            if parsed is None:
+                raise ModelError(
+                    f"the local model's tool call did not finish within {self.max_tokens} tokens"
+                )
+            name, arguments = parsed
+            if _call_key(name, arguments) not in _calls_this_turn(messages):
+                yield ToolCallRequest(f"call_{secrets.token_hex(6)}", name, arguments)
+                yield Usage(prompt_tokens=len(prompt), completion_tokens=completion)
+                return
+            # The same call again, whose result the model already has: answer in text.
+            log.info("dropped a repeated call of %s; asking for a text reply", name)
+        for delta in self._text(llm, prompt, stop):
+            completion += 1
+            if delta.text:
+                yield delta
+        yield Usage(prompt_tokens=len(prompt), completion_tokens=completion)
+
+    def _call_intent(self, llm: llama_cpp.Llama) -> float:
+        """How much of the next-token probability goes to call-shaped tokens rather than text.
+
+        Small models show that they mean to call a tool in several ways (bare JSON, a code
+        fence, ``<tool_call>``); counting them all, and then holding the model to the real
+        call format with the grammar, gets far more calls right than letting the grammar
+        alone pick the likeliest allowed token.
+        """
+        assert self._shapes is not None
+        raw = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        logits = np.ctypeslib.as_array(raw, shape=(llm.n_vocab(),))
+        weights = np.exp(logits - logits.max())
+        call = float(weights[self._shapes == _CALL_SHAPED].sum())
+        text = float(weights[self._shapes == _TEXT_SHAPED].sum())
+        return call / (call + text) if call + text > 0 else 0.0
+
+    def _call(
+        self, llm: llama_cpp.Llama, prompt: list[int], tools: list[ToolSpec], stop: threading.Event
+    ) -> list[int]:
+        """The tokens of one call, decoded greedily under the call grammar."""
+        ids: list[int] = []
+        for token in self._generate(llm, prompt, self._grammar(tools), 0.0):
+            if stop.is_set() or _ends(llm, token) or len(ids) >= self.max_tokens:
+                break
+            ids.append(token)
+        return ids
+
+    def _text(
+        self, llm: llama_cpp.Llama, prompt: list[int], stop: threading.Event
+    ) -> Iterator[TextDelta]:
+        """A text reply, one delta per token (the last one flushes the UTF-8 decoder)."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        # Only the first token needs the grammar (it may not open a call); the rest are
+        # sampled freely, at full speed.
+        opening = self._generate(llm, prompt, self._grammar(()), self.temperature)
+        first = next(opening)
+        opening.close()
+        if _ends(llm, first):
+            return
+        yield TextDelta(decoder.decode(llm.detokenize([first])))
+        budget = min(self.max_tokens, self.n_ctx - len(prompt)) - 1
+        for count, token in enumerate(
+            self._generate(llm, [*prompt, first], None, self.temperature)
+        ):
+            if stop.is_set() or _ends(llm, token) or count >= budget:
+                break
+            yield TextDelta(decoder.decode(llm.detokenize([token])))
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield TextDelta(tail)
+
+    def _generate(
+        self,
+        llm: llama_cpp.Llama,
+        prompt: list[int],
+        constraint: LlamaGrammar | None,
+        temperature: float,
+    ) -> Generator[int, Sequence[int] | None, None]:
+        """llama.cpp's token generator over ``prompt`` with this model's sampling settings."""
+        return llm.generate(
+            prompt,
+            top_k=20,
+            top_p=0.8,
+            min_p=0.05,
+            temp=temperature,
+            repeat_penalty=1.05,
+            grammar=constraint,
+        )
+
+    def _grammar(self, tools: Sequence[ToolSpec]) -> LlamaGrammar:
+        """The grammar for one call of ``tools``, or for text when there are none; cached."""
+        text = grammar.call_grammar(tools) if tools else grammar.TEXT_GRAMMAR
+        compiled = self._grammars.get(text)
+        if compiled is None:
+            compiled = self._grammars[text] = LlamaGrammar.from_string(text, verbose=False)
+        return compiled
+
+
+def _ends(llm: llama_cpp.Llama, token: int) -> bool:
+    """Whether ``token`` ends a generation (end of text, end of turn)."""
+    return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token))
+
+
+def _prefill(llm: llama_cpp.Llama, prompt: list[int], stop: threading.Event) -> bool:
+    """Evaluate ``prompt`` past its cached prefix in chunks; False when stopped on the way.
+
+    Afterwards the model's logits are those for the token after ``prompt``.
+    """
+    cached = llama_cpp.Llama.longest_token_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt)
+    ends = [*range(cached + _PREFILL_CHUNK, len(prompt), _PREFILL_CHUNK), len(prompt)]
+    for end in ends:
+        if stop.is_set():
+            return False
+        # generate() evaluates what is not cached yet, then samples a token, which is
+        # dropped: the next call reuses the evaluated prefix (llama.cpp's prefix cache).
+        chunk = llm.generate(prompt[:end], temp=0.0)
+        next(chunk)
+        chunk.close()
+    return not stop.is_set()
+
+
+def _shapes(llm: llama_cpp.Llama) -> npt.NDArray[np.int8]:
+    """For each token, whether a reply that starts with it is call-shaped, text, or neither."""
+    shapes = np.zeros(llm.n_vocab(), dtype=np.int8)
+    for token in range(llm.n_vocab()):
+        piece = llm.detokenize([token])
+        if not piece or piece[:1].isspace() or _ends(llm, token):
+            continue
+        shapes[token] = _CALL_SHAPED if piece[:1] in grammar.CALL_SHAPED.encode() else _TEXT_SHAPED
+    return shapes
+
+
+def _formatter(llm: llama_cpp.Llama) -> Jinja2ChatFormatter:
+    """The chat formatter from the model's own template (ChatML when it has none)."""
+    metadata: dict[str, str] = llm.metadata
+    template = metadata.get("tokenizer.chat_template") or _CHATML
+
+    def token(token_id: int) -> str:
+        return llm.detokenize([token_id], special=True).decode("utf-8", "replace")
+
+    return Jinja2ChatFormatter(
+        template=template, eos_token=token(llm.token_eos()), bos_token=token(llm.token_bos())
+    )
+
+
+def _prompt_tokens(
+    llm: llama_cpp.Llama,
+    formatter: Jinja2ChatFormatter,
+    messages: list[Message],
+    tools: list[ToolSpec],
+    budget: int,
+) -> list[int]:
+    """The prompt's tokens, dropping the oldest turns until it fits in ``budget``."""
+    while True:
+        text = render(formatter, messages, tools)
+        bos = llm.detokenize([llm.token_bos()], special=True)
+        encoded = text.encode("utf-8")
+        tokens = llm.tokenize(encoded, add_bos=not encoded.startswith(bos), special=True)
+        if len(tokens) <= budget:
+            return tokens
+        users = [i for i, m in enumerate(messages) if m.role == "user"]
+        if len(users) < 2:
+            raise ModelError(
+                f"the message is too long for the local model: {len(tokens)} prompt tokens, "
+                f"at most {budget} fit"
+            )
+        head = 1 if messages and messages[0].role == "system" else 0
+        messages = messages[:head] + messages[users[1] :]
+
+
+def render(
+    formatter: Jinja2ChatFormatter, messages: Sequence[Message], tools: Sequence[ToolSpec]
+) -> str:
+    """The prompt text: the conversation through the model's chat template."""
+    chat = chat_messages(messages)
+    if _calls_this_turn(messages):
+        # Examples of answering from results, just before the turn that has them: earlier
+        # they would make the model answer questions in text that want a call, and here
+        # the prompt still shares its whole history with the turn's first round (cache).
+        last_user = max(i for i, turn in enumerate(chat) if turn["role"] == "user")
+        chat[last_user:last_user] = [
+            {"role": role, "content": content}
+            for pair in local_answer_examples()
+            for role, content in zip(("user", "assistant"), pair, strict=True)
+        ]
+    if not tools:
+        return _apply(formatter, chat, None)
+    guide = local_tool_guide(t.name for t in tools)
+    chat[0] = {**chat[0], "content": chat[0]["content"] + "\n" + guide}
+    specs = [
+        {
+            "type": "function",
+            "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+        }
+        for t in tools
+    ]
+    text = _apply(formatter, chat, specs)
+    if all(f'"{t.name}"' in text for t in tools):
+        return text
+    # The template ignores tools: describe them in the system message ourselves.
+    listing = "\n".join(json.dumps(spec, ensure_ascii=False) for spec in specs)
+    chat[0] = {
+        "role": "system",
+        "content": chat[0]["content"] + _TOOLS_SECTION.format(tools=listing),
+    }
+    return _apply(formatter, chat, None)
+
+
+def _apply(formatter: Jinja2ChatFormatter, chat: list[dict[str, str]], tools: Any) -> str:
+    # The formatter's annotations want OpenAI's TypedDicts; plain dicts are what it reads.
+    response: Any = formatter(messages=chat, tools=tools)  # type: ignore[arg-type]
+    return str(response.prompt)
+
+
+def chat_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
+    """``messages`` as system/user/assistant turns, each turn's tool results in its user turn.
+
+    The calls themselves are left out: what the model needs is what they returned, and
+    an assistant turn of JSON before the results made it answer in JSON.
+    """
+    chat: list[dict[str, str]] = []
+    if not messages or messages[0].role != "system":
+        chat.append({"role": "system", "content": SYSTEM_PROMPT})
+    question: int | None = None  # where in ``chat`` the current turn's user message is
+    results: list[tuple[str, str, bool]] = []
+
+    def fold() -> None:
+        nonlocal question
+        if not results:
+            return
+        if question is None:
+            chat.append({"role": "user", "content": ""})
+            question = len(chat) - 1
+        content = restate_results(chat[question]["content"], results)
+        chat[question] = {"role": "user", "content": content.strip()}
+        results.clear()
+
+    for message in messages:
+        if message.role == "tool":
+            results.append((message.tool or "tool", message.content, message.is_error))
+        elif message.role == "assistant" and message.tool_calls:
+            continue
+        elif message.role == "assistant":
+            fold()
+            chat.append({"role": "assistant", "content": model_text(message)})
+        else:
+            fold()
+            chat.append({"role": message.role, "content": message.content})
+            question = len(chat) - 1 if message.role == "user" else None
+    fold()
+    return chat
+
+
+def _calls_this_turn(messages: Sequence[Message]) -> set[str]:
+    """The calls made since the last user message, as comparable keys."""
+    made: set[str] = set()
+    for message in reversed(messages):
+        if message.role == "user":
+            break
+        made.update(_call_key(c.name, c.arguments) for c in message.tool_calls)
+    return made
+
+
+def _call_key(name: str, arguments: dict[str, Any]) -> str:
+    return json.dumps([name, arguments], sort_keys=True, ensure_ascii=False)
+
+
+class _TurnQueue:
+    """One holder at a time; the rest wait in FIFO order, at most ``limit`` of them.
+
+    Not an ``asyncio.Lock``: it holds no event loop, so one model can serve tests that each
+    run their own loop.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held = False
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        await self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self) -> None:
+        if not self._held and not self._waiters:
+            self._held = True
+            return
+        if len(self._waiters) >= self.limit:
+            raise ModelBusyError(
+                f"the local model is busy: {len(self._waiters)} requests are already waiting "
+                "for it; try again shortly"
+            )
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # the turn was handed to us as we were cancelled: pass it on
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+
+    def _release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the turn passes straight on; _held stays True
+                return
+        self._held = False
