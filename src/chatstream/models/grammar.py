@@ -2,7 +2,8 @@
 
 A reply is either plain text, which may not begin with a call-shaped character
 (``CALL_SHAPED``: the opening of a call, bare JSON, a JSON list or a code fence, which is
-how small models write mis-formatted calls) or whitespace, or exactly one call::
+how small models write mis-formatted calls) or with blank space beyond one space, or
+exactly one call::
 
     <tool_call>
     {"name": "get_weather", "arguments": {"location": "Seoul"}}
@@ -10,8 +11,10 @@ how small models write mis-formatted calls) or whitespace, or exactly one call::
 
 naming an offered tool, with arguments that match its JSON schema. This is the call format
 the Qwen2.5 family was trained on; the grammar makes any other model follow it too. The
-two shapes part at the first character, so the model decides which it writes with its
-first token, and a text reply can be streamed from that token on.
+two shapes part at the first character, so which one a reply is gets settled by its first
+token, and a text reply can be streamed from that token on. They are two grammars, not
+one with two branches, because the local model picks the branch itself (see
+``LocalModel._call_intent``) before it samples under either.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
 CALL_SHAPED = "<{[`"
 
-_TEXT_START = "[^" + CALL_SHAPED.replace("[", "\\[") + "\\x00 \\t\\r\\n]"
+# One leading space is allowed: SentencePiece vocabularies start words with it ("▁Hello").
+_TEXT_START = '" "? [^' + CALL_SHAPED.replace("[", "\\[") + "\\x00 \\t\\r\\n]"
 TEXT_GRAMMAR = f"root ::= {_TEXT_START} [^\\x00]*"
 
 
@@ -48,7 +52,7 @@ def call_grammar(tools: Sequence[ToolSpec]) -> str:
     opening = _literal(CALL_OPEN + '\n{"name": ')
     closing = _literal("}\n" + CALL_CLOSE)
     call = f"{opening} ( {' | '.join(alternatives)} ) {closing}"
-    return f"root ::= {call}\n{converter.format_grammar()}"
+    return f'root ::= " "? {call}\n{converter.format_grammar()}'
 
 
 def parse_call(text: str) -> tuple[str, dict[str, Any]] | None:

@@ -16,12 +16,16 @@ How it works, and where it departs from a hosted provider:
   worker checks between tokens (and between chunks of the prompt), so a cancelled run
   stops within one token; ``aclose`` on the stream returns once the worker has let go.
 * Tool calls come from constrained decoding (``grammar.py``): a reply is plain text or
-  exactly one well-formed call of an offered tool. Only the first token is sampled under
-  the grammar for a text reply, which decides it and keeps the rest of the answer at full
-  speed; a call is decoded under the grammar to its end, never streamed as text.
-* Tool results are restated to the model in a user turn, not as the template's tool
-  message: small models loop on the latter and answer from the former. A call that repeats
-  one already made in the same turn is dropped and the model is asked for a text reply.
+  exactly one well-formed call of an offered tool with arguments that fit its schema.
+  Which of the two is decided before the first token, from how much probability the model
+  puts on call-shaped first tokens (``_call_intent``). A text reply's first token must fit
+  the text grammar (it is drawn again under it when it does not), the rest is sampled
+  freely at full speed and streamed token by token; a call is decoded greedily under the
+  call grammar and never streamed as text.
+* Tool results are folded into the user message of their turn, with a request to answer
+  and a few worked examples, not sent as the template's tool message: on the latter the
+  0.5B model called the tool again and again, or answered in JSON. A call that repeats one
+  already made in the same turn is dropped and the model answers in text instead.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +65,13 @@ from chatstream.prompts import (
 log = logging.getLogger("chatstream.models.local")
 
 # The prompt is evaluated in chunks of this many tokens, so a cancel waits at most one
-# chunk (about 0.3 s on two cores) instead of the whole prompt.
-_PREFILL_CHUNK = 64
+# chunk (about 0.6 s on two cores) instead of the whole prompt. Smaller chunks cost prompt
+# speed (64: 5% on bench/local_model.py --tools); from 128 on it was within noise.
+_PREFILL_CHUNK = 128
 
 # A reply is a call when call-shaped tokens get at least this share of the first token's
-# probability (see ``LocalModel._call_intent``). Measured on bench/tool_accuracy.py, calls
-# score well above it and small talk well below.
+# probability (see ``LocalModel._call_intent``). On bench/tool_accuracy.py most calls score
+# 0.75-0.99 and most text 0.0-0.3; the few hard cases of both sit near 0.5.
 _CALL_THRESHOLD = 0.5
 
 # What the first character of each vocabulary entry says about a reply that starts with it.
@@ -125,19 +130,26 @@ class LocalModel:
         self._shapes: npt.NDArray[np.int8] | None = None
         self._running: set[threading.Event] = set()
 
-    async def load(self) -> None:
-        """Load the weights now rather than on the first request."""
-        async with self._turns.turn():
-            async for _ in self._bridge(self._load_job):
+    async def load(self, tools: Sequence[ToolSpec] = ()) -> None:
+        """Load the weights now rather than on the first request.
+
+        With ``tools``, also evaluate the system prompt that a conversation offering them
+        starts with, which every request then finds cached (about 5 s on two cores).
+        """
+        job = functools.partial(self._warm_up, list(tools))
+        async with self._turns.turn(), aclosing(self._bridge(job)) as events:
+            async for _ in events:
                 pass
 
     async def stream(
         self, messages: Sequence[Message], tools: Sequence[ToolSpec]
     ) -> AsyncGenerator[ModelEvent, None]:
         """Stream one reply: text deltas or one tool call, then usage."""
-        async with self._turns.turn():
-            job = functools.partial(self._reply, list(messages), list(tools))
-            async for event in self._bridge(job):
+        job = functools.partial(self._reply, list(messages), list(tools))
+        # aclosing: when our consumer closes us, the bridge must stop its worker now, not
+        # whenever the garbage collector finalises it.
+        async with self._turns.turn(), aclosing(self._bridge(job)) as events:
+            async for event in events:
                 yield event
 
     async def aclose(self) -> None:
@@ -147,7 +159,7 @@ class LocalModel:
         async for _ in self._bridge(self._unload_job):
             pass
 
-    async def _bridge(self, job: Job) -> AsyncIterator[ModelEvent]:
+    async def _bridge(self, job: Job) -> AsyncGenerator[ModelEvent, None]:
         """Run ``job`` in a worker thread and yield what it makes: the one sync/async bridge."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[ModelEvent | Exception | None] = asyncio.Queue()
@@ -192,8 +204,12 @@ class LocalModel:
                 while await queue.get() is not None:
                     pass
 
-    def _load_job(self, stop: threading.Event) -> Iterator[ModelEvent]:
-        self._loaded()
+    def _warm_up(self, tools: list[ToolSpec], stop: threading.Event) -> Iterator[ModelEvent]:
+        llm = self._loaded()
+        if tools:
+            assert self._formatter is not None
+            opening = [Message("system", SYSTEM_PROMPT), Message("user", "")]
+            _prefill(llm, _prompt_tokens(llm, self._formatter, opening, tools, self.n_ctx), stop)
         return iter(())
 
     def _unload_job(self, stop: threading.Event) -> Iterator[ModelEvent]:
@@ -256,10 +272,7 @@ class LocalModel:
                 return
             # The same call again, whose result the model already has: answer in text.
             log.info("dropped a repeated call of %s; asking for a text reply", name)
-        for delta in self._text(llm, prompt, stop):
-            completion += 1
-            if delta.text:
-                yield delta
+        completion += yield from self._text(llm, prompt, stop)
         yield Usage(prompt_tokens=len(prompt), completion_tokens=completion)
 
     def _call_intent(self, llm: llama_cpp.Llama) -> float:
@@ -291,27 +304,36 @@ class LocalModel:
 
     def _text(
         self, llm: llama_cpp.Llama, prompt: list[int], stop: threading.Event
-    ) -> Iterator[TextDelta]:
-        """A text reply, one delta per token (the last one flushes the UTF-8 decoder)."""
+    ) -> Generator[TextDelta, None, int]:
+        """A text reply, one delta per token as it comes; returns how many tokens it took."""
+        assert self._shapes is not None
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        # Only the first token needs the grammar (it may not open a call); the rest are
-        # sampled freely, at full speed.
-        opening = self._generate(llm, prompt, self._grammar(()), self.temperature)
-        first = next(opening)
-        opening.close()
-        if _ends(llm, first):
-            return
-        yield TextDelta(decoder.decode(llm.detokenize([first])))
-        budget = min(self.max_tokens, self.n_ctx - len(prompt)) - 1
-        for count, token in enumerate(
-            self._generate(llm, [*prompt, first], None, self.temperature)
-        ):
+        tokens = self._generate(llm, prompt, None, self.temperature)
+        first = next(tokens)
+        if self._shapes[first] != _TEXT_SHAPED:
+            # Only the first token is held to the text grammar (it may not open a call), and
+            # only when it breaks it: the grammar costs a pass over the whole vocabulary.
+            tokens.close()
+            opening = self._generate(llm, prompt, self._grammar(()), self.temperature)
+            first = next(opening)
+            opening.close()
+            tokens = self._generate(llm, [*prompt, first], None, self.temperature)
+        count = 1
+        if text := decoder.decode(llm.detokenize([first])):
+            yield TextDelta(text)
+        budget = min(self.max_tokens, self.n_ctx - len(prompt))
+        for token in tokens:
             if stop.is_set() or _ends(llm, token) or count >= budget:
                 break
-            yield TextDelta(decoder.decode(llm.detokenize([token])))
-        tail = decoder.decode(b"", final=True)
-        if tail:
+            count += 1
+            # A token may end inside a UTF-8 sequence (Korean often does): the decoder
+            # holds those bytes back until the next token completes the character.
+            if text := decoder.decode(llm.detokenize([token])):
+                yield TextDelta(text)
+        tokens.close()
+        if tail := decoder.decode(b"", final=True):
             yield TextDelta(tail)
+        return count
 
     def _generate(
         self,
@@ -365,9 +387,10 @@ def _prefill(llm: llama_cpp.Llama, prompt: list[int], stop: threading.Event) -> 
 
 def _shapes(llm: llama_cpp.Llama) -> npt.NDArray[np.int8]:
     """For each token, whether a reply that starts with it is call-shaped, text, or neither."""
-    shapes = np.zeros(llm.n_vocab(), dtype=np.int8)
+    shapes = np.full(llm.n_vocab(), _NEUTRAL, dtype=np.int8)
     for token in range(llm.n_vocab()):
-        piece = llm.detokenize([token])
+        # One leading space is part of the word in SentencePiece vocabularies ("▁Hello").
+        piece = llm.detokenize([token]).removeprefix(b" ")
         if not piece or piece[:1].isspace() or _ends(llm, token):
             continue
         shapes[token] = _CALL_SHAPED if piece[:1] in grammar.CALL_SHAPED.encode() else _TEXT_SHAPED

@@ -184,7 +184,13 @@ def _copy_part(part: Part, path: Path, out: IO[bytes], whole: hashlib._Hash) -> 
             while chunk := source.read(_CHUNK):
                 digest.update(chunk)
                 whole.update(chunk)
-                out.write(chunk)
+                try:
+                    out.write(chunk)
+                except OSError as exc:
+                    raise WeightsError(
+                        f"cannot write the model file {out.name} ({exc.strerror}); it needs "
+                        f"{MODEL_SIZE:,} bytes, or point CHATSTREAM_CACHE_DIR elsewhere"
+                    ) from exc
     except OSError as exc:
         raise WeightsError(f"cannot read weight file {path}: {exc.strerror}") from exc
     if digest.hexdigest() != part.sha256:
@@ -228,9 +234,12 @@ def _verified(target: Path, size: int, sha256: str) -> bool:
         return True
     # No marker, or the file changed since it was checked: hash it once more.
     digest = hashlib.sha256()
-    with target.open("rb") as source:
-        while chunk := source.read(_CHUNK):
-            digest.update(chunk)
+    try:
+        with target.open("rb") as source:
+            while chunk := source.read(_CHUNK):
+                digest.update(chunk)
+    except OSError:
+        return False  # unreadable: assemble it again, which says what is wrong if it fails
     if digest.hexdigest() != sha256:
         return False
     _write_marker(target, sha256)

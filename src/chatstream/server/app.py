@@ -96,6 +96,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             started_at=time.monotonic(),
         )
         app.state.runtime = runtime
+        warm_up = getattr(model, "load", None)
+        if warm_up is not None:
+            # The embedded model loads its weights and reads the system prompt once here,
+            # so the first user does not wait for it (a few seconds on two cores).
+            started = time.monotonic()
+            await warm_up(tools.specs())
+            log.info("model %s ready in %.1f s", model.name, time.monotonic() - started)
         log.info(
             "chatstream %s serving model %s%s with store %s",
             __version__,

