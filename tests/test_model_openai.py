@@ -327,7 +327,8 @@ async def test_connection_is_reused_across_turns(upstream: FakeOpenAI, model: Op
 
 
 async def test_the_fake_speaks_what_the_official_sdk_reads(upstream: FakeOpenAI) -> None:
-    openai = pytest.importorskip("openai")
+    import openai  # the official SDK, a dev dependency: it must read our fake as OpenAI
+
     upstream.enqueue(
         Completion(
             text=["Hi"],
