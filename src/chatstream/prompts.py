@@ -34,6 +34,8 @@ _EXAMPLES: dict[str, tuple[tuple[str, dict[str, object]], ...]] = {
     ),
 }
 _SMALL_TALK = (
+    # A bare "hello" scored as a call (0.62) until it had an example of its own (0.05).
+    ("Hello", "Hello! How can I help you today?"),
     ("Good morning!", "Good morning! How can I help you today?"),
     ("너는 누구야?", "저는 Chatstream이에요. 날씨, 시간, 계산 같은 것을 도와드릴 수 있어요."),
 )
