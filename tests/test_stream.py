@@ -214,9 +214,9 @@ async def _wait_for_active(live: LiveServer, session_id: str) -> None:
 async def test_the_raw_frames_follow_the_contract(client: httpx.AsyncClient) -> None:
     result = await stream(client, "GET", "/api/chat/stream", params={"message": "count to 2"})
     run_id = result.data[-1]["runId"]
-    head, _, rest = result.raw.partition(b"\n")
-    assert head == b"retry: 3000"
-    first_frame = rest.split(b"\n\n")[0]
+    # Before the first event: the retry delay and the id a reconnect resumes from.
+    preamble, first_frame = result.raw.split(b"\n\n")[:2]
+    assert preamble == f"retry: 3000\nid: {run_id}:0".encode()
     assert first_frame == (f"id: {run_id}:1\nevent: token\n".encode() + b'data: {"content":"1 "}')
     assert orjson.loads(result.frames[-1].data)["runId"] == run_id
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -77,7 +77,7 @@ class Agent:
 
     async def run(
         self, history: Sequence[Message], turn: Turn, *, enable_tools: bool = True
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Stream one turn's events; ``turn`` records what to store."""
         conversation = [Message(role="system", content=self.system_prompt), *history, turn.user]
         specs = self.tools.specs() if enable_tools else []
@@ -93,7 +93,8 @@ class Agent:
                             turn.answer.append(item.text)
                             yield Token(item.text)
                     elif isinstance(item, ToolCallRequest):
-                        calls.append(item)
+                        if offered:  # a call in the round that offers no tools is ignored
+                            calls.append(item)
                     elif isinstance(item, Usage):
                         turn.prompt_tokens += item.prompt_tokens
                         turn.completion_tokens += item.completion_tokens

@@ -107,10 +107,16 @@ def chat(
         str, typer.Option(envvar="CHATSTREAM_URL", help="The chatstream server to talk to.")
     ] = "http://127.0.0.1:3002",
     session: Annotated[
-        str | None, typer.Option(help="Continue this session id (default: a new one).")
+        str | None,
+        typer.Option(
+            envvar="CHATSTREAM_SESSION", help="Continue this session id (default: a new one)."
+        ),
     ] = None,
     no_tools: Annotated[
-        bool, typer.Option("--no-tools", help="Do not let the model use tools.")
+        bool,
+        typer.Option(
+            "--no-tools", envvar="CHATSTREAM_NO_TOOLS", help="Do not let the model use tools."
+        ),
     ] = False,
     api_key: Annotated[
         str | None,

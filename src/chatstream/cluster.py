@@ -39,7 +39,8 @@ from chatstream.runs import TERMINAL_FRAMES, Run, RunState, frame_event
 log = logging.getLogger("chatstream.cluster")
 
 # Append ``error RUN_LOST`` after the last frame, unless the log already ended.
-# KEYS[1] the log; ARGV[1] run id, ARGV[2] the seq the caller has seen, ARGV[3] data JSON.
+# KEYS[1] the log, KEYS[2] the record; ARGV[1] run id, ARGV[2] the seq the caller has seen,
+# ARGV[3] data JSON, ARGV[4] how long the ended run stays readable (ms).
 _DECLARE_LOST = """
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local seq = tonumber(ARGV[2])
@@ -56,6 +57,8 @@ seq = seq + 1
 local frame = 'id: ' .. ARGV[1] .. ':' .. seq .. '\\nevent: error\\ndata: ' .. ARGV[3] .. '\\n\\n'
 redis.call('XADD', KEYS[1], seq .. '-0', 't', 'error', 'f', frame)
 redis.call('HSET', KEYS[2], 'state', 'failed', 'last_seq', seq)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return seq
 """
 
@@ -65,9 +68,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# Extend a lock only while it still names this run.
+# Extend a lock only while it still names this run, and the run's record and log with it
+# (a run may outlive the TTL they were given at its start).
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
@@ -96,6 +102,8 @@ class Cluster:
         self.prefix = prefix
         self.instance = secrets.token_hex(4)
         self.lock_ttl_ms = int(settings.lock_ttl_s * 1000)
+        # How long a run's record and log live without news from its owner.
+        self._run_ttl_ms = int(settings.run_ttl_s * 1000) + self.lock_ttl_ms
         self._owned: dict[str, _Owned] = {}
         self._listener: asyncio.Task[None] | None = None
         self._declare_lost = self.redis.register_script(_DECLARE_LOST)
@@ -150,7 +158,7 @@ class Cluster:
                 claimed, holder = await pipe.execute()
             if not claimed:
                 return cast(bytes, holder).decode() if holder else "unknown"
-            ttl = int(self.settings.run_ttl_s * 1000) + self.lock_ttl_ms
+            ttl = self._run_ttl_ms
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(
                     self._meta(run.id),
@@ -217,7 +225,10 @@ class Cluster:
         while True:
             await asyncio.sleep(self.lock_ttl_ms / 3000)
             try:
-                await self._renew(keys=[lock], args=[run.id, self.lock_ttl_ms])
+                await self._renew(
+                    keys=[lock, self._meta(run.id), self._log(run.id)],
+                    args=[run.id, self.lock_ttl_ms, self._run_ttl_ms],
+                )
             except (RedisError, OSError) as exc:
                 log.warning("run %s: renewing the session lock failed (%s)", run.id, exc)
 
@@ -282,7 +293,8 @@ class Cluster:
             first_seq=after_seq,
             owner=meta.get("owner_key", ""),
         )
-        run.stoppable = False  # cancelling a replica only stops reading; see RunManager.cancel
+        # Cancelling a replica (its last reader left) only stops reading: RunManager.cancel
+        # never reaches it, because replicas are not among the manager's own runs.
         run.task = asyncio.create_task(self._follow(run, meta["key"]))
         return run
 
@@ -317,7 +329,7 @@ class Cluster:
             return
         seq = await self._declare_lost(
             keys=[self._log(run.id), self._meta(run.id)],
-            args=[run.id, run.last_seq, RUN_LOST_DATA],
+            args=[run.id, run.last_seq, RUN_LOST_DATA, int(self.settings.run_ttl_s * 1000)],
         )
         if seq:
             log.warning("run %s was lost with its instance; told its readers", run.id)

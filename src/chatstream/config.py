@@ -28,6 +28,7 @@ class Settings:
     lock_ttl_s: float = 10.0
     # Turns
     max_tool_rounds: int = 5
+    turn_timeout_s: float = 600.0
     tool_timeout_s: float = 20.0
     max_message_chars: int = 32_000
     max_body_bytes: int = 256 * 1024

@@ -5,6 +5,7 @@ server puts on the wire (an ``error`` event, or a JSON error body)::
 
     ChatstreamError
     ├── ModelError          the LLM provider failed            MODEL_ERROR
+    │   └── ModelTimeout    … by not answering in time         TIMEOUT
     ├── ToolError           a tool could not do its job        (a tool_result with isError)
     ├── StoreError          the session store failed           STORE_ERROR
     └── RequestError        a request refused before a stream  (4xx, code varies)
@@ -27,6 +28,12 @@ class ModelError(ChatstreamError):
     """The model provider failed: HTTP error, dropped connection, bad stream."""
 
     code = "MODEL_ERROR"
+
+
+class ModelTimeout(ModelError):
+    """The model provider did not answer in time."""
+
+    code = "TIMEOUT"
 
 
 class ToolError(ChatstreamError):

@@ -24,6 +24,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -369,12 +370,12 @@ class RunManager:
                         "wait for it, resume it or cancel it.",
                     )
             session = await self.store.load(key)
-        except (ChatstreamError, RequestError) as exc:
+        except BaseException as exc:
             self._release(run)
             self._runs.pop(run.id, None)
-            if isinstance(exc, RequestError):
-                raise
-            raise RequestError(503, "STORE_UNAVAILABLE", exc.message) from exc
+            if isinstance(exc, ChatstreamError) and not isinstance(exc, RequestError):
+                raise RequestError(503, "STORE_UNAVAILABLE", exc.message) from exc
+            raise
         history = session.messages[-self.settings.max_history_messages :] if session else ()
         # A trimmed history must not start inside a tool round: begin at a user message.
         while history and history[0].role != "user":
@@ -396,21 +397,32 @@ class RunManager:
         started = time.perf_counter()
         tokens = 0
         try:
-            async for event in self.agent.run(history, turn, enable_tools=enable_tools):
-                run.append(event)
-                if type(event) is Token:
-                    tokens += 1
-                    if tokens == 1:
-                        metrics.time_to_first_token.observe(time.perf_counter() - started)
-                elif isinstance(event, ToolResult):
-                    metrics.tool_calls.labels(event.tool, "error" if event.is_error else "ok").inc()
-                if run.full:
-                    outcome = Error(
-                        "OUTPUT_LIMIT",
-                        f"The answer reached the limit of {self.settings.run_log_max_events} "
-                        "events and was cut.",
-                    )
-                    break
+            async with (
+                asyncio.timeout(self.settings.turn_timeout_s),
+                # Closed on every exit (OUTPUT_LIMIT's break too), so running tools stop and
+                # their results are in ``turn`` before it is stored.
+                aclosing(self.agent.run(history, turn, enable_tools=enable_tools)) as events,
+            ):
+                async for event in events:
+                    run.append(event)
+                    if type(event) is Token:
+                        tokens += 1
+                        if tokens == 1:
+                            metrics.time_to_first_token.observe(time.perf_counter() - started)
+                    elif isinstance(event, ToolResult):
+                        outcome_label = "error" if event.is_error else "ok"
+                        metrics.tool_calls.labels(event.tool, outcome_label).inc()
+                    if run.full:
+                        outcome = Error(
+                            "OUTPUT_LIMIT",
+                            f"The answer reached the limit of {self.settings.run_log_max_events} "
+                            "events and was cut.",
+                        )
+                        break
+        except TimeoutError:
+            outcome = Error(
+                "TIMEOUT", f"The turn took longer than {self.settings.turn_timeout_s:g} s."
+            )
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None:

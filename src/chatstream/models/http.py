@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import httpx
 import orjson
 
-from chatstream.errors import ModelError
+from chatstream.errors import ModelError, ModelTimeout
 from chatstream.models.base import ModelEvent
 
 RAW_ARGUMENTS = "_raw"
@@ -147,7 +147,7 @@ def transport_error(name: str, exc: httpx.HTTPError, *, started: bool) -> ModelE
     """A ``ModelError`` for a network failure, saying whether the stream had begun."""
     detail = str(exc) or type(exc).__name__
     if isinstance(exc, httpx.TimeoutException):
-        return ModelError(f"{name}: the provider did not answer in time ({detail})")
+        return ModelTimeout(f"{name}: the provider did not answer in time ({detail})")
     if started:
         return ModelError(f"{name}: connection lost mid-stream ({detail})")
     return ModelError(f"{name}: request failed ({detail})")

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from chatstream.errors import RequestError
+from chatstream.errors import RequestError, StoreError
 
 log = logging.getLogger("chatstream.http")
 
@@ -39,6 +39,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def request_error(_: Request, exc: RequestError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(StoreError)
+    async def store_error(_: Request, exc: StoreError) -> JSONResponse:
+        return error_response(503, "STORE_UNAVAILABLE", exc.message, {"Retry-After": "5"})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -15,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from chatstream import __version__
 from chatstream.errors import RequestError
 from chatstream.events import Done, Error, FrameDecoder, Token, ToolCall, ToolResult, parse_event
+from chatstream.messages import Message
 from chatstream.metrics import CONTENT_TYPE
 from chatstream.runs import Run, RunStatus, new_session_id
 from chatstream.server.app_state import runtime_of
@@ -314,6 +315,13 @@ def _iso(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="milliseconds")
 
 
+def _message_out(message: Message) -> MessageOut:
+    data = message.to_dict()
+    if message.created_at is not None:
+        data["createdAt"] = _iso(message.created_at)
+    return MessageOut(**data)
+
+
 @router.get(
     "/api/chat/sessions",
     response_model=SessionListOut,
@@ -366,7 +374,7 @@ async def get_session(request: Request, caller: Caller, session_id: str) -> Sess
         )
     return SessionOut(
         sessionId=session_id,
-        messages=[MessageOut(**msg.to_dict()) for msg in session.messages],
+        messages=[_message_out(msg) for msg in session.messages],
         createdAt=_iso(session.created_at),
         lastActivity=_iso(session.last_activity),
         messageCount=len(session.messages),

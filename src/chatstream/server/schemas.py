@@ -62,7 +62,7 @@ class MessageOut(BaseModel):
     tool: str | None = None
     isError: bool | None = None
     interrupted: bool | None = None
-    createdAt: float | None = None
+    createdAt: str | None = None
 
 
 class SessionOut(BaseModel):

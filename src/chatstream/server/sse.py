@@ -87,7 +87,14 @@ class EventStream(Response):
             await send(
                 {"type": "http.response.start", "status": 200, "headers": self.stream_headers}
             )
-            prefix = encode_retry(self.retry_ms)
+            # Before any event: the retry delay, and the id to resume from. An EventSource
+            # that loses the line before the first event then reconnects with
+            # Last-Event-ID (and resumes) instead of sending the turn again.
+            preamble = encode_retry(self.retry_ms) + b"id: %s:%d\n\n" % (
+                run.id.encode(),
+                run.seq_of(subscriber),
+            )
+            await send({"type": "http.response.body", "body": preamble, "more_body": True})
             while not gone:
                 wake.clear()
                 frames = run.read(subscriber)
@@ -95,9 +102,6 @@ class EventStream(Response):
                     if stats["first_event_s"] is None:
                         stats["first_event_s"] = time.perf_counter() - started
                     stats["events"] += len(frames)
-                    if prefix:
-                        frames.insert(0, prefix)
-                        prefix = b""
                     await send(
                         {"type": "http.response.body", "body": b"".join(frames), "more_body": True}
                     )
