@@ -264,3 +264,28 @@ def test_hash_key_prints_the_digest_a_keys_file_takes() -> None:
         check=True,
     )
     assert result.stdout.strip() == digest(KEY_B)
+
+
+async def test_refused_turns_do_not_count_against_the_rate(settings: Settings) -> None:
+    with live_server(settings.with_(model="scripted:30", turns_per_minute=3)) as live:
+        async with httpx.AsyncClient(base_url=live.url, timeout=30) as http:
+            running = asyncio.create_task(
+                stream(
+                    http,
+                    "GET",
+                    "/api/chat/stream",
+                    params={"message": "count to 20", "sessionId": "r"},
+                )
+            )
+            await asyncio.sleep(0.2)
+            for _ in range(5):  # busy, so refused with 409: none of these is a turn
+                busy = await http.get(
+                    "/api/chat/stream", params={"message": "hi", "sessionId": "r"}
+                )
+                assert busy.status_code == 409
+            await running
+            for i in range(2):
+                ok = await http.post("/api/chat", json={"message": "hi", "sessionId": f"o{i}"})
+                assert ok.status_code == 200
+            limited = await http.post("/api/chat", json={"message": "hi"})
+            assert limited.status_code == 429

@@ -23,10 +23,13 @@ class TurnRate:
         self._starts: dict[str, deque[float]] = defaultdict(deque)
         self._checks = 0
 
-    def check(self, caller: str) -> None:
-        """Count a turn for ``caller``, or refuse it with 429 and how long to wait."""
+    def check(self, caller: str) -> Callable[[], None]:
+        """Count a turn for ``caller``, or refuse it with 429 and how long to wait.
+
+        The returned function takes the turn back off the count (it was refused later).
+        """
         if self.per_minute <= 0:
-            return
+            return _nothing
         now = time.monotonic()
         self._checks += 1
         if self._checks % 1024 == 0:
@@ -45,6 +48,16 @@ class TurnRate:
                 headers={"Retry-After": str(max(wait, 1))},
             )
         starts.append(now)
+
+        def refund() -> None:
+            if now in starts:
+                starts.remove(now)
+
+        return refund
+
+
+def _nothing() -> None:
+    return None
 
 
 class StreamSlots:

@@ -158,14 +158,20 @@ async def _stream(
         release = runtime.slots.acquire(identity)
     else:
         text, session_id = _validate_turn(message, session_id, settings.max_message_chars)
-        runtime.turn_rate.check(identity)
-        release = runtime.slots.acquire(identity)
+        refund = runtime.turn_rate.check(identity)
+        try:
+            release = runtime.slots.acquire(identity)
+        except RequestError:
+            refund()
+            raise
         try:
             run = await runtime.runs.start(
                 session_id, text, enable_tools=enable_tools, owner=caller
             )
         except BaseException:
+            # A turn refused here (busy session, store down) is not counted.
             release()
+            refund()
             raise
         after = 0
     return EventStream(
@@ -270,8 +276,14 @@ async def chat(request: Request, caller: Caller, body: ChatRequest) -> ChatRespo
     text, session_id = _validate_turn(
         body.message, body.sessionId, runtime.settings.max_message_chars
     )
-    runtime.turn_rate.check(_identity(request, caller))
-    run = await runtime.runs.start(session_id, text, enable_tools=body.enableTools, owner=caller)
+    refund = runtime.turn_rate.check(_identity(request, caller))
+    try:
+        run = await runtime.runs.start(
+            session_id, text, enable_tools=body.enableTools, owner=caller
+        )
+    except BaseException:
+        refund()
+        raise
     await run.wait_finished()
     answer: list[str] = []
     calls: dict[str, ToolCallOut] = {}
