@@ -18,7 +18,7 @@ from chatstream.messages import (
     tool_result,
     user,
 )
-from chatstream.models.anthropic import AnthropicModel
+from chatstream.models.anthropic import AnthropicModel, anthropic_messages
 from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
 from tests.fakes.anthropic_upstream import FakeAnthropic, HTTPError, Raw, ToolUse
 from tests.fakes.anthropic_upstream import Message as Reply
@@ -361,3 +361,21 @@ async def test_connection_is_reused_across_turns(
         await collect(model)
 
     assert upstream.connections == 1
+
+
+def test_tool_rounds_become_text_when_a_request_offers_no_tools() -> None:
+    # Anthropic refuses tool_use/tool_result blocks in a request without tools.
+    call = ToolCallRequest("toolu_1", "calculate", {"expression": "6*7"})
+    history = [
+        Message(role="user", content="what is 6*7?"),
+        Message(role="assistant", content="", tool_calls=(call,)),
+        Message(role="tool", content="42", tool_call_id="toolu_1", tool="calculate"),
+    ]
+    _, converted = anthropic_messages(history, tool_blocks=False)
+    kinds = {block["type"] for message in converted for block in message["content"]}
+    assert kinds == {"text"}
+    texts = [block["text"] for message in converted for block in message["content"]]
+    assert '[called calculate with {"expression":"6*7"}]' in texts
+    assert "[calculate returned: 42]" in texts
+    _, with_blocks = anthropic_messages(history)
+    assert {b["type"] for m in with_blocks for b in m["content"]} >= {"tool_use", "tool_result"}

@@ -40,8 +40,15 @@ DEFAULT_BASE_URL = "https://api.anthropic.com"
 API_VERSION = "2023-06-01"
 
 
-def anthropic_messages(messages: Sequence[Message]) -> tuple[str, list[dict[str, Any]]]:
-    """Our messages as Anthropic's ``system`` text and ``messages`` list."""
+def anthropic_messages(
+    messages: Sequence[Message], *, tool_blocks: bool = True
+) -> tuple[str, list[dict[str, Any]]]:
+    """Our messages as Anthropic's ``system`` text and ``messages`` list.
+
+    Anthropic refuses ``tool_use``/``tool_result`` blocks in a request that defines no
+    tools (a turn with tools off, or the last round of a turn, which offers none), so
+    with ``tool_blocks=False`` earlier tool rounds are written out as plain text.
+    """
     system: list[str] = []
     out: list[dict[str, Any]] = []
 
@@ -57,6 +64,9 @@ def anthropic_messages(messages: Sequence[Message]) -> tuple[str, list[dict[str,
         if m.role == "system":
             if m.content:
                 system.append(m.content)
+        elif m.role == "tool" and not tool_blocks:
+            outcome = "failed" if m.is_error else "returned"
+            add("user", [{"type": "text", "text": f"[{m.tool} {outcome}: {m.content}]"}])
         elif m.role == "tool":
             block: dict[str, Any] = {"type": "tool_result", "tool_use_id": m.tool_call_id or ""}
             if m.content:
@@ -67,12 +77,19 @@ def anthropic_messages(messages: Sequence[Message]) -> tuple[str, list[dict[str,
         else:
             text = model_text(m)
             blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
-            blocks += [
-                {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
-                for call in m.tool_calls
-            ]
+            if tool_blocks:
+                blocks += [
+                    {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
+                    for call in m.tool_calls
+                ]
+            else:
+                blocks += [{"type": "text", "text": _call_text(call)} for call in m.tool_calls]
             add(m.role, blocks)
     return "\n\n".join(system), out
+
+
+def _call_text(call: ToolCallRequest) -> str:
+    return f"[called {call.name} with {orjson.dumps(call.arguments).decode()}]"
 
 
 def anthropic_tools(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
@@ -230,7 +247,7 @@ class AnthropicModel:
 
     def request_body(self, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> bytes:
         """The JSON body of one streaming request."""
-        system, converted = anthropic_messages(messages)
+        system, converted = anthropic_messages(messages, tool_blocks=bool(tools))
         body: dict[str, Any] = {
             "model": self.model,
             "max_tokens": self.max_tokens,
