@@ -111,11 +111,6 @@ class Error:
 
 
 Event = Token | ToolCall | ToolProgress | ToolResult | Done | Error
-TERMINAL_TYPES = frozenset({"done", "error"})
-
-
-def is_terminal(event: Event) -> bool:
-    return event.type in TERMINAL_TYPES
 
 
 def dumps(value: Any) -> bytes:

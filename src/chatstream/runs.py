@@ -213,10 +213,6 @@ class Run:
             loop = asyncio.get_running_loop()
             self._grace_timer = loop.call_later(self._resume_grace_s, self._abandon)
 
-    @property
-    def subscriber_count(self) -> int:
-        return len(self._subscribers)
-
     def cancel(self, reason: StopReason) -> bool:
         """Ask the run's task to stop; its subscribers get ``reason`` as an error event."""
         if self.finished or self.task is None or not self.stoppable:
