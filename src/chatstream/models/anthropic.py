@@ -239,11 +239,7 @@ class AnthropicModel:
         if api_key:
             headers["x-api-key"] = api_key
         self._url = f"{self.base_url}/v1/messages"
-        self._clients = ClientPool(
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            transport=transport,
-        )
+        self._clients = ClientPool(headers=headers, timeout=timeout, transport=transport)
 
     def request_body(self, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> bytes:
         """The JSON body of one streaming request."""

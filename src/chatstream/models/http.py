@@ -35,8 +35,19 @@ class ClientPool:
     its kept-alive connection, while concurrent requests spread over all of them.
     """
 
-    def __init__(self, **options: Any) -> None:
-        self._clients = [httpx.AsyncClient(limits=LIMITS, **options) for _ in range(POOL_SHARDS)]
+    def __init__(
+        self,
+        *,
+        headers: dict[str, str],
+        timeout: float,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        # Connecting gets at most 10 s whatever the read timeout: a dead host fails fast.
+        timeouts = httpx.Timeout(timeout, connect=min(timeout, 10.0))
+        self._clients = [
+            httpx.AsyncClient(headers=headers, timeout=timeouts, transport=transport, limits=LIMITS)
+            for _ in range(POOL_SHARDS)
+        ]
         self._busy = [0] * POOL_SHARDS
 
     @contextlib.asynccontextmanager
