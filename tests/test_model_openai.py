@@ -257,6 +257,44 @@ async def test_unreachable_server_is_a_model_error() -> None:
     assert "request failed" in str(error)
 
 
+def _proxy_env(monkeypatch: pytest.MonkeyPatch, proxy: str, no_proxy: str = "") -> None:
+    # Both spellings: Python lets the lower-case one win when both are set.
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, proxy)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(name, no_proxy)
+
+
+async def test_requests_go_through_the_proxy_the_environment_names(
+    upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _proxy_env(monkeypatch, upstream.base)  # the fake answers absolute-form requests too
+    model = OpenAIModel("gpt-test", base_url="http://api.example.invalid/v1", api_key="k")
+    upstream.enqueue(Completion(text=["via the proxy"]))
+    try:
+        events = await collect(model)
+    finally:
+        await model.aclose()
+
+    assert events[0] == TextDelta("via the proxy")
+    assert upstream.requests[-1].path == "http://api.example.invalid/v1/chat/completions"
+
+
+async def test_hosts_in_no_proxy_are_reached_directly(
+    upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _proxy_env(monkeypatch, "http://127.0.0.1:9", no_proxy="127.0.0.1,localhost")
+    model = OpenAIModel("gpt-test", base_url=upstream.url, api_key="k")
+    upstream.enqueue(Completion(text=["direct"]))
+    try:
+        events = await collect(model)
+    finally:
+        await model.aclose()
+
+    assert events[0] == TextDelta("direct")
+    assert upstream.requests[-1].path == "/v1/chat/completions"
+
+
 async def test_finish_without_done_marker_is_accepted(
     upstream: FakeOpenAI, model: OpenAIModel
 ) -> None:

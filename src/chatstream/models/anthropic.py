@@ -20,15 +20,14 @@ import os
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
-import httpx
 import orjson
 
 from chatstream.errors import ModelError
 from chatstream.messages import Message, ToolCallRequest, model_text
 from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
 from chatstream.models.http import (
-    ClientPool,
     SSEDecoder,
+    UpstreamClient,
     error_detail,
     parse_arguments,
     stream_events,
@@ -222,7 +221,6 @@ class AnthropicModel:
         api_key: str | None = None,
         max_tokens: int = 4096,
         timeout: float = 120.0,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.model = model
         self.name = f"anthropic:{model}"
@@ -239,7 +237,7 @@ class AnthropicModel:
         if api_key:
             headers["x-api-key"] = api_key
         self._url = f"{self.base_url}/v1/messages"
-        self._clients = ClientPool(headers=headers, timeout=timeout, transport=transport)
+        self._client = UpstreamClient(self._url, headers=headers, timeout=timeout)
 
     def request_body(self, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> bytes:
         """The JSON body of one streaming request."""
@@ -262,8 +260,8 @@ class AnthropicModel:
         """Stream one model turn: text deltas, tool calls as their blocks end, then usage."""
         body = self.request_body(messages, tools)
         reader = MessagesReader(self.name)
-        return stream_events(self._clients, self._url, body, reader, self.name)
+        return stream_events(self._client, body, reader, self.name)
 
     async def aclose(self) -> None:
         """Close the HTTP client and its pooled connections."""
-        await self._clients.aclose()
+        await self._client.aclose()

@@ -7,11 +7,12 @@ Events over HTTP; what differs is the JSON inside, which each backend's
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
-import httpx
+import aiohttp
 import orjson
 
 from chatstream.errors import ModelError, ModelTimeout
@@ -20,49 +21,60 @@ from chatstream.models.base import ModelEvent
 RAW_ARGUMENTS = "_raw"
 # Error bodies are read for their message only; a proxy's HTML page need not be read whole.
 _MAX_ERROR_BODY = 64 * 1024
-# httpcore's pool walks all its connections on every request and release, which is
-# quadratic work at a thousand concurrent streams (bench/run.py measured it taking most
-# of the CPU and seconds of time to first token at C=1,000). Several small pools, used in
-# turn, keep each walk short; together they allow as many connections as one big pool.
-POOL_SHARDS = 16
-LIMITS = httpx.Limits(max_connections=128, max_keepalive_connections=32, keepalive_expiry=30)
+# Kept-alive connections to the provider, per session: enough for a busy server to reuse
+# most of them; how many streams run at once is bounded by the server's stream limits.
+KEEPALIVE_S = 30.0
 
 
-class ClientPool:
-    """``POOL_SHARDS`` httpx clients with the same settings; a request takes the least busy.
+class UpstreamClient:
+    """The HTTP client a remote model streams through: one aiohttp session, made on first use.
 
-    The least busy, lowest first: one request at a time always uses the first client and
-    its kept-alive connection, while concurrent requests spread over all of them.
+    aiohttp rather than httpx on this path: each read of a streamed answer is the per-token
+    hot path, and ``bench/run.py`` measured httpx (httpcore, h11, an anyio cancel scope per
+    read, a pool walk per request) at about 4x aiohttp's CPU per read and per request. httpx
+    still serves the tools and the Python client, where nothing is per token.
+
+    The session is made lazily because aiohttp binds it to the running event loop, and a
+    model is built before the server's loop starts.
     """
 
-    def __init__(
-        self,
-        *,
-        headers: dict[str, str],
-        timeout: float,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
+    def __init__(self, url: str, *, headers: dict[str, str], timeout: float) -> None:
+        self.url = url
+        # Read once: aiohttp's ``trust_env`` would read the environment and ~/.netrc again
+        # on every request (a tenth of a turn's CPU at 1,000 concurrent turns).
+        self.proxy = env_proxy(url)
+        self._headers = headers
         # Connecting gets at most 10 s whatever the read timeout: a dead host fails fast.
-        timeouts = httpx.Timeout(timeout, connect=min(timeout, 10.0))
-        self._clients = [
-            httpx.AsyncClient(headers=headers, timeout=timeouts, transport=transport, limits=LIMITS)
-            for _ in range(POOL_SHARDS)
-        ]
-        self._busy = [0] * POOL_SHARDS
+        # ``sock_read`` is the longest silence between two reads, like httpx's read timeout.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=min(timeout, 10.0), sock_read=timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
 
-    @contextlib.asynccontextmanager
-    async def lease(self) -> AsyncIterator[httpx.AsyncClient]:
-        """A client for one request, counted busy until the block ends."""
-        index = self._busy.index(min(self._busy))
-        self._busy[index] += 1
-        try:
-            yield self._clients[index]
-        finally:
-            self._busy[index] -= 1
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                timeout=self._timeout,
+                connector=connector,
+                proxy=self.proxy,
+            )
+        return self._session
 
     async def aclose(self) -> None:
-        for client in self._clients:
-            await client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy that ``HTTP_PROXY``, ``HTTPS_PROXY`` and ``NO_PROXY`` choose for ``url``."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies()
+    if not parts.hostname or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return proxies.get(parts.scheme)
 
 
 class SSEDecoder:
@@ -128,36 +140,37 @@ def error_detail(body: bytes, fallback: str) -> str:
     return (text[:300] + "...") if len(text) > 300 else (text or fallback)
 
 
-async def _read_capped(response: httpx.Response) -> bytes:
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
     body = b""
-    async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) >= _MAX_ERROR_BODY:
+    while len(body) < _MAX_ERROR_BODY:
+        chunk = await response.content.read(_MAX_ERROR_BODY - len(body))
+        if not chunk:
             break
+        body += chunk
     return body
 
 
-async def http_error(name: str, response: httpx.Response) -> ModelError:
+async def http_error(name: str, response: aiohttp.ClientResponse) -> ModelError:
     """A ``ModelError`` for a 4xx/5xx answer, carrying the status and the upstream's message."""
-    detail = error_detail(await _read_capped(response), response.reason_phrase)
-    message = f"{name}: HTTP {response.status_code}: {detail}"
+    detail = error_detail(await _read_capped(response), response.reason or "")
+    message = f"{name}: HTTP {response.status}: {detail}"
     if retry_after := response.headers.get("retry-after"):
         unit = " s" if retry_after.isdigit() else ""
         message += f" (retry after {retry_after}{unit})"
     return ModelError(message)
 
 
-async def not_an_event_stream(name: str, response: httpx.Response) -> ModelError:
+async def not_an_event_stream(name: str, response: aiohttp.ClientResponse) -> ModelError:
     """A ``ModelError`` for a 200 answer that is not ``text/event-stream``."""
     detail = error_detail(await _read_capped(response), "")
     kind = response.headers.get("content-type", "no content type")
     return ModelError(f"{name}: expected an event stream, got {kind}: {detail}")
 
 
-def transport_error(name: str, exc: httpx.HTTPError, *, started: bool) -> ModelError:
+def transport_error(name: str, exc: Exception, *, started: bool) -> ModelError:
     """A ``ModelError`` for a network failure, saying whether the stream had begun."""
     detail = str(exc) or type(exc).__name__
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):  # aiohttp's connect and read timeouts are TimeoutErrors
         return ModelTimeout(f"{name}: the provider did not answer in time ({detail})")
     if started:
         return ModelError(f"{name}: connection lost mid-stream ({detail})")
@@ -185,20 +198,21 @@ class EventReader(Protocol):
 
 
 async def stream_events(
-    clients: ClientPool, url: str, body: bytes, reader: EventReader, name: str
+    client: UpstreamClient, body: bytes, reader: EventReader, name: str
 ) -> AsyncGenerator[ModelEvent, None]:
-    """POST ``body`` to ``url`` and yield the events ``reader`` finds in the streamed answer."""
+    """POST ``body`` to the client's URL; yield the events ``reader`` finds in the answer."""
     started = False
     try:
         # ``async with`` inside the generator: closing the generator (cancel, aclose)
-        # closes the HTTP response, so the provider stops generating.
-        async with clients.lease() as client, client.stream("POST", url, content=body) as response:
-            if response.status_code >= 400:
+        # releases the response unread, which closes its connection, so the provider
+        # stops generating.
+        async with client.session().post(client.url, data=body) as response:
+            if response.status >= 400:
                 raise await http_error(name, response)
             if "text/event-stream" not in response.headers.get("content-type", ""):
                 raise await not_an_event_stream(name, response)
             started = True
-            async for chunk in response.aiter_bytes():
+            async for chunk in response.content.iter_any():
                 if reader.done:
                     continue  # drain what follows the end so the connection is reused
                 for event in reader.feed(chunk):
@@ -207,5 +221,5 @@ async def stream_events(
                     raise reader.error
             for event in reader.finish():
                 yield event
-    except httpx.HTTPError as exc:
+    except (aiohttp.ClientError, TimeoutError) as exc:
         raise transport_error(name, exc, started=started) from exc

@@ -25,7 +25,6 @@ import uuid
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
-import httpx
 import orjson
 
 from chatstream.errors import ModelError
@@ -33,8 +32,8 @@ from chatstream.messages import Message, ToolCallRequest, model_text
 from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
 from chatstream.models.http import (
     RAW_ARGUMENTS,
-    ClientPool,
     SSEDecoder,
+    UpstreamClient,
     error_detail,
     parse_arguments,
     stream_events,
@@ -218,7 +217,6 @@ class OpenAIModel:
         base_url: str | None = None,
         api_key: str | None = None,
         timeout: float = 120.0,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.model = model
         self.name = f"openai:{model}"
@@ -231,7 +229,7 @@ class OpenAIModel:
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self._url = f"{self.base_url}/chat/completions"
-        self._clients = ClientPool(headers=headers, timeout=timeout, transport=transport)
+        self._client = UpstreamClient(self._url, headers=headers, timeout=timeout)
 
     def request_body(self, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> bytes:
         """The JSON body of one streaming request."""
@@ -251,8 +249,8 @@ class OpenAIModel:
         """Stream one model turn: text deltas, then tool calls, then usage."""
         body = self.request_body(messages, tools)
         reader = ChatCompletionsReader(self.name)
-        return stream_events(self._clients, self._url, body, reader, self.name)
+        return stream_events(self._client, body, reader, self.name)
 
     async def aclose(self) -> None:
         """Close the HTTP client and its pooled connections."""
-        await self._clients.aclose()
+        await self._client.aclose()
