@@ -30,7 +30,7 @@ from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from chatstream.config import Settings
 from chatstream.errors import StoreError
@@ -91,6 +91,20 @@ class _Owned:
     run: Run
     closing: bool = False
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def _mirrored(results: list[Any]) -> int:
+    """How many of a batch's XADDs, from the first, have their entry in the stream.
+
+    An id the stream already holds counts as written: a retry re-sends a batch whose
+    first attempt may have been applied in part before the connection failed.
+    """
+    for index, result in enumerate(results):
+        if isinstance(result, ResponseError) and "equal or smaller" in str(result):
+            continue
+        if isinstance(result, Exception):
+            return index
+    return len(results)
 
 
 class Cluster:
@@ -206,9 +220,12 @@ class Cluster:
                                     maxlen=cap,
                                     approximate=False,
                                 )
-                            await pipe.execute()
+                            written = _mirrored(await pipe.execute(raise_on_error=False))
+                        if written < len(frames):
+                            raise RedisError(f"XADD of seq {first + written} failed")
                     except (RedisError, OSError) as exc:
-                        # Keep the frames: rewind and try again once Redis answers.
+                        # Keep the frames: rewind and try again once Redis answers. Frames
+                        # a half-applied attempt did write are skipped by ``_mirrored``.
                         reader.cursor -= len(frames)
                         log.warning("run %s: mirroring to Redis failed (%s)", run.id, exc)
                         await asyncio.sleep(0.5)
@@ -231,6 +248,15 @@ class Cluster:
                 )
             except (RedisError, OSError) as exc:
                 log.warning("run %s: renewing the session lock failed (%s)", run.id, exc)
+
+    async def release(self, run: Run) -> None:
+        """Free the session's lock if ``run`` holds it: a turn that claimed it but never started."""
+        try:
+            await self._release(keys=[self._lock(run.store_key)], args=[run.id])
+            await self.redis.delete(self._meta(run.id))
+        except (RedisError, OSError) as exc:
+            # It expires by itself within the lock TTL.
+            log.warning("run %s: could not release the session lock (%s)", run.id, exc)
 
     async def finish(self, run: Run, terminal: bytes, state: RunState) -> None:
         """Flush the log, write the terminal frame, release the lock, set the expiry."""

@@ -355,6 +355,7 @@ class RunManager:
         # Claim the session before the first await, so two requests cannot both start.
         self._active[key] = run
         self._runs[run.id] = run
+        claimed = False
         try:
             if self.cluster is not None:
                 holder = await self.cluster.claim(run)
@@ -365,10 +366,13 @@ class RunManager:
                         f"Session {session_id!r} already has a turn running (run {holder}); "
                         "wait for it, resume it or cancel it.",
                     )
+                claimed = True
             session = await self.store.load(key)
         except BaseException as exc:
             self._release(run)
             self._runs.pop(run.id, None)
+            if claimed and self.cluster is not None:
+                await self.cluster.release(run)
             if isinstance(exc, ChatstreamError) and not isinstance(exc, RequestError):
                 raise RequestError(503, "STORE_UNAVAILABLE", exc.message) from exc
             raise
