@@ -219,7 +219,7 @@ def sampled(pid: int, folder: Path | None, name: str) -> Iterator[None]:
     spy = Path(sys.executable).with_name("py-spy")
     command = [str(spy if spy.exists() else "py-spy"), "record", "--pid", str(pid)]
     # --gil: only samples holding the GIL, i.e. CPU spent in Python, not waits for it.
-    command += ["--rate", "200", "--nonblocking", "--gil", "--format", "raw"]
+    command += ["--rate", "1000", "--nonblocking", "--gil", "--format", "raw"]
     command += ["--output", str(folder / f"{name}.txt")]
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)  # let it attach
