@@ -394,9 +394,10 @@ def ratios(rows: list[Row], scenarios: list[Scenario]) -> list[str]:
                 and with_store.failures + without.failures == 0
             ):
                 extra = (with_store.cpu_ms_per_turn - without.cpu_ms_per_turn) * 1000
+                more = "more" if extra >= 0 else "less (within the noise)"
                 out.append(
-                    f"{name}: {LABELS[store]} spends {_f(extra, 0)} µs CPU per turn more than"
-                    f" {LABELS[base]}"
+                    f"{name}: {LABELS[store]} spends {_f(abs(extra), 0)} µs CPU per turn {more}"
+                    f" than {LABELS[base]}"
                 )
         helpers = [r for r in rows if r.scenario == name and r.target != "upstream"]
         if helpers:
