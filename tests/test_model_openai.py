@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from chatstream.errors import ModelError
 from chatstream.messages import Message, ToolCallRequest, assistant, tool_result, user
@@ -293,6 +296,34 @@ async def test_hosts_in_no_proxy_are_reached_directly(
 
     assert events[0] == TextDelta("direct")
     assert upstream.requests[-1].path == "/v1/chat/completions"
+
+
+async def test_an_https_provider_is_verified_against_the_cas_the_environment_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    authority = trustme.CA()
+    serving = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(serving)
+    ca_file = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    with FakeOpenAI(tls=serving) as fake:
+        fake.enqueue(Completion(text=["private"]))
+        untrusted = OpenAIModel("gpt-test", base_url=fake.url, api_key="k")
+        try:
+            _, error = await collect_until_error(untrusted)
+        finally:
+            await untrusted.aclose()
+        assert "certificate verify failed" in str(error)
+
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+        trusted = OpenAIModel("gpt-test", base_url=fake.url, api_key="k")
+        try:
+            events = await collect(trusted)
+        finally:
+            await trusted.aclose()
+
+    assert events[0] == TextDelta("private")
 
 
 async def test_finish_without_done_marker_is_accepted(

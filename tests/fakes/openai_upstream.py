@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import ssl
 import threading
 import time
 from collections import deque
@@ -244,8 +245,9 @@ _REASONS = {
 class LoopbackServer:
     """An HTTP/1.1 server on 127.0.0.1 in a background thread; subclasses answer requests."""
 
-    def __init__(self, *, port: int = 0) -> None:
+    def __init__(self, *, port: int = 0, tls: ssl.SSLContext | None = None) -> None:
         self.port = port
+        self.tls = tls  # serve HTTPS with this context
         self.requests: list[RecordedRequest] = []
         self.errors: list[BaseException] = []  # bugs in the fake itself
         self._queue: deque[Any] = deque()
@@ -285,8 +287,8 @@ class LoopbackServer:
 
     @property
     def base(self) -> str:
-        """``http://127.0.0.1:<port>``."""
-        return f"http://127.0.0.1:{self.port}"
+        """``http://127.0.0.1:<port>`` (``https`` when serving TLS)."""
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     # -- scripting and inspection ------------------------------------------------------
 
@@ -343,7 +345,9 @@ class LoopbackServer:
     async def _serve(self, ready: threading.Event) -> None:
         self._stopped = asyncio.Event()
         self._release = asyncio.Semaphore(0)
-        server = await asyncio.start_server(self._on_connection, "127.0.0.1", self.port)
+        server = await asyncio.start_server(
+            self._on_connection, "127.0.0.1", self.port, ssl=self.tls
+        )
         self.port = server.sockets[0].getsockname()[1]
         self._loop = asyncio.get_running_loop()
         ready.set()
@@ -457,8 +461,9 @@ class FakeOpenAI(LoopbackServer):
         port: int = 0,
         default: Completion | Raw | HTTPError | None = None,
         delay: float = 0.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(port=port)
+        super().__init__(port=port, tls=tls)
         self.default = default
         self.delay = delay  # per token, in the default echo reply
         self._ids = itertools.count(1)

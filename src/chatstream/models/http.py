@@ -7,12 +7,14 @@ Events over HTTP; what differs is the JSON inside, which each backend's
 
 from __future__ import annotations
 
+import ssl
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 import aiohttp
+import certifi
 import orjson
 
 from chatstream.errors import ModelError, ModelTimeout
@@ -53,7 +55,9 @@ class UpstreamClient:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
+            connector = aiohttp.TCPConnector(
+                limit=0, keepalive_timeout=KEEPALIVE_S, ssl=trusted_roots()
+            )
             self._session = aiohttp.ClientSession(
                 headers=self._headers,
                 timeout=self._timeout,
@@ -66,6 +70,14 @@ class UpstreamClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def trusted_roots() -> ssl.SSLContext:
+    """TLS verification against the system's CAs (``SSL_CERT_FILE``/``SSL_CERT_DIR`` too)
+    and certifi's bundle, so a slim container without a CA store still reaches the APIs."""
+    context = ssl.create_default_context()
+    context.load_verify_locations(cafile=certifi.where())
+    return context
 
 
 def env_proxy(url: str) -> str | None:
