@@ -71,6 +71,10 @@ CASES = (
     Case("What is the capital of France?", None),
     Case("Write a haiku about spring.", None),
     Case("파이썬에서 리스트를 정렬하는 방법을 알려줘.", None),
+    # Bare acknowledgements: nothing for a tool to use.
+    Case("ok", None),
+    Case("yes", None),
+    Case("응", None),
 )
 
 

@@ -21,7 +21,7 @@ from chatstream import messages as m
 from chatstream.messages import Message, ToolCallRequest
 from chatstream.models import grammar, weights
 from chatstream.models.base import ModelEvent, TextDelta, Usage
-from chatstream.models.local import LocalModel, ModelBusyError, chat_messages
+from chatstream.models.local import LocalModel, ModelBusyError, _acknowledges, chat_messages
 from chatstream.prompts import SYSTEM_PROMPT
 from chatstream.tools import default_tools
 
@@ -196,6 +196,25 @@ async def test_small_talk_calls_no_tool(model: LocalModel) -> None:
 
     assert not [e for e in events if isinstance(e, ToolCallRequest)]
     assert "".join(e.text for e in events if isinstance(e, TextDelta)).strip()
+
+
+@pytest.mark.parametrize("reply", ["ok", "Yes!", "응", "."])
+async def test_a_bare_acknowledgement_is_answered_without_a_tool(
+    model: LocalModel, reply: str
+) -> None:
+    events = await collect(model.stream(conversation(m.user(reply)), TOOLS))
+
+    assert not [e for e in events if isinstance(e, ToolCallRequest)]
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)).strip()
+
+
+def test_a_yes_to_the_assistants_question_is_left_to_the_model() -> None:
+    asked = m.assistant("I can check Busan's weather too. Shall I?")
+    told = m.assistant("It is 21°C and sunny in Seoul.")
+
+    assert _acknowledges([m.user("weather in Seoul?"), told, m.user("OK.")])
+    assert not _acknowledges([m.user("weather in Seoul?"), asked, m.user("yes")])
+    assert not _acknowledges([m.user("ok, and in Busan?")])
 
 
 async def test_a_failed_tool_is_reported_in_the_answer(model: LocalModel) -> None:

@@ -74,6 +74,15 @@ _PREFILL_CHUNK = 128
 # 0.75-0.99 and most text 0.0-0.3; the few hard cases of both sit near 0.5.
 _CALL_THRESHOLD = 0.5
 
+# Replies that only acknowledge or answer yes/no, compared without case, spaces or
+# punctuation. The tool guide primes this small model so strongly that a bare "ok" or "응"
+# scored 0.9 as a call and got a made-up get_weather call; such a message names nothing a
+# tool could use, so it is answered in text without asking the model.
+_ACKNOWLEDGEMENTS = frozenset(
+    "ok okay k kk yes yeah yep yup no nope nah sure fine great cool nice good "
+    "응 어 엉 네 넵 넹 예 아니 아니요 아뇨 그래 좋아 ㅇㅇ ㅇㅋ ㄴㄴ はい いいえ うん".split()
+)
+
 # What the first character of each vocabulary entry says about a reply that starts with it.
 _NEUTRAL, _TEXT_SHAPED, _CALL_SHAPED = 0, 1, 2
 
@@ -253,7 +262,7 @@ class LocalModel:
         if not _prefill(llm, prompt, stop):
             return
         completion = 0
-        intent = self._call_intent(llm) if tools else 0.0
+        intent = self._call_intent(llm) if tools and not _acknowledges(messages) else 0.0
         log.debug("call intent %.2f", intent)
         if intent >= _CALL_THRESHOLD:
             ids = self._call(llm, prompt, tools, stop)
@@ -516,6 +525,21 @@ def chat_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
             question = len(chat) - 1 if message.role == "user" else None
     fold()
     return chat
+
+
+def _acknowledges(messages: Sequence[Message]) -> bool:
+    """True when the last message is the user's bare acknowledgement ("ok", "네", ".").
+
+    Not when it answers a question the assistant just asked ("Shall I check Busan too?"
+    "yes"): then the history says what the yes is for, and the model decides.
+    """
+    if not messages or messages[-1].role != "user":
+        return False
+    if len(messages) > 1 and messages[-2].role == "assistant":
+        if messages[-2].content.rstrip().endswith(("?", "？")):  # noqa: RUF001
+            return False
+    bare = "".join(ch for ch in messages[-1].content.casefold() if ch.isalnum())
+    return not bare or bare in _ACKNOWLEDGEMENTS
 
 
 def _calls_this_turn(messages: Sequence[Message]) -> set[str]:
