@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trustme
 
-from chatstream.errors import ModelError
+from chatstream.errors import ModelError, ModelTimeout
 from chatstream.messages import Message, ToolCallRequest, assistant, tool_result, user
 from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
 from chatstream.models.openai import ChatCompletionsReader, OpenAIModel
@@ -324,6 +324,20 @@ async def test_an_https_provider_is_verified_against_the_cas_the_environment_nam
             await trusted.aclose()
 
     assert events[0] == TextDelta("private")
+
+
+async def test_a_provider_that_goes_silent_mid_stream_times_out(upstream: FakeOpenAI) -> None:
+    upstream.enqueue(Completion(text=["first", " second"], hold_after=1))
+    model = OpenAIModel("gpt-test", base_url=upstream.url, api_key="k", timeout=0.5)
+    try:
+        seen, error = await collect_until_error(model)
+    finally:
+        await model.aclose()
+        upstream.release()
+
+    assert seen == [TextDelta("first")]
+    assert isinstance(error, ModelTimeout)
+    assert error.code == "TIMEOUT"
 
 
 async def test_finish_without_done_marker_is_accepted(
