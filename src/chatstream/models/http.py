@@ -23,8 +23,7 @@ from chatstream.models.base import ModelEvent
 RAW_ARGUMENTS = "_raw"
 # Error bodies are read for their message only; a proxy's HTML page need not be read whole.
 _MAX_ERROR_BODY = 64 * 1024
-# Kept-alive connections to the provider, per session: enough for a busy server to reuse
-# most of them; how many streams run at once is bounded by the server's stream limits.
+# How long an idle connection to the provider is kept for the next request.
 KEEPALIVE_S = 30.0
 
 
@@ -32,8 +31,9 @@ class UpstreamClient:
     """The HTTP client a remote model streams through: one aiohttp session, made on first use.
 
     aiohttp rather than httpx on this path: each read of a streamed answer is the per-token
-    hot path, and ``bench/run.py`` measured httpx (httpcore, h11, an anyio cancel scope per
-    read, a pool walk per request) at about 4x aiohttp's CPU per read and per request. httpx
+    hot path, and ``bench/upstream_client.py`` measured httpx (httpcore, h11, an anyio cancel
+    scope per read, a pool walk per request) at about 4x aiohttp's CPU per read and per
+    request. httpx
     still serves the tools and the Python client, where nothing is per token.
 
     The session is made lazily because aiohttp binds it to the running event loop, and a
@@ -55,6 +55,8 @@ class UpstreamClient:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            # No cap of its own on connections (aiohttp's default is 100): how many turns
+            # stream at once is the server's to limit (CHATSTREAM_MAX_STREAMS_TOTAL).
             connector = aiohttp.TCPConnector(
                 limit=0, keepalive_timeout=KEEPALIVE_S, ssl=trusted_roots()
             )
@@ -73,8 +75,11 @@ class UpstreamClient:
 
 
 def trusted_roots() -> ssl.SSLContext:
-    """TLS verification against the system's CAs (``SSL_CERT_FILE``/``SSL_CERT_DIR`` too)
-    and certifi's bundle, so a slim container without a CA store still reaches the APIs."""
+    """TLS verification against the system's CAs and certifi's bundle.
+
+    The system's include ``SSL_CERT_FILE``/``SSL_CERT_DIR`` (a corporate CA); certifi's
+    let a slim container without a CA store still reach the providers.
+    """
     context = ssl.create_default_context()
     context.load_verify_locations(cafile=certifi.where())
     return context
