@@ -13,7 +13,7 @@ httpx is set up as chatstream used it before the switch: 16 clients, the least b
 taking each request (one httpcore pool walks all its connections per request). aiohttp
 is set up as ``chatstream.models.http.UpstreamClient`` sets it up, and read through it.
 
-Run: ``.venv/bin/python bench/upstream_client.py [--concurrency 1000]``
+Run: ``.venv/bin/python bench/upstream_client.py [--concurrency 1000] [--tokens 20000]``
 """
 
 from __future__ import annotations
@@ -122,30 +122,33 @@ async def measure(
     return time.process_time() - started, sum(tokens)
 
 
-async def main(concurrency: int) -> None:
+async def main(concurrency: int, tokens: int) -> None:
     workloads = [
-        ("1 stream", 1, body(20_000, 0)),
-        (f"C={concurrency:,} short", concurrency, body(2, 0)),
-        (f"C={concurrency:,} paced", concurrency, body(100, 20)),
+        ("1 stream", 1, tokens, 0),
+        (f"C={concurrency:,} short", concurrency, 2, 0),
+        (f"C={concurrency:,} paced", concurrency, 100, 20),
     ]
     print("| workload | client | client CPU µs/token | client CPU ms/request |")
     print("|---|---|---|---|")
     async with upstream() as url:
-        for label, streams, payload in workloads:
+        for label, streams, each, delay_ms in workloads:
             for name, make in (("httpx", lambda: HttpxShards()), ("aiohttp", lambda: Aiohttp(url))):
                 client = make()
                 try:
-                    cpu, tokens = await measure(client.read, url, streams, payload)
+                    cpu, read = await measure(client.read, url, streams, body(each, delay_ms))
                 finally:
                     await client.aclose()
-                per_token, per_request = cpu / tokens * 1e6, cpu / streams * 1e3
+                if read != streams * each:
+                    raise SystemExit(f"{label}, {name}: read {read} of {streams * each} tokens")
+                per_token, per_request = cpu / read * 1e6, cpu / streams * 1e3
                 print(f"| {label} | {name} | {per_token:,.1f} | {per_request:,.2f} |", flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, default=1000, help="concurrent requests")
+    parser.add_argument("--tokens", type=int, default=20_000, help="tokens of the single stream")
     args = parser.parse_args()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    uvloop.run(main(args.concurrency))
+    uvloop.run(main(args.concurrency, args.tokens))
