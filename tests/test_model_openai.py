@@ -260,18 +260,30 @@ async def test_unreachable_server_is_a_model_error() -> None:
     assert "request failed" in str(error)
 
 
-def _proxy_env(monkeypatch: pytest.MonkeyPatch, proxy: str, no_proxy: str = "") -> None:
-    # Both spellings: Python lets the lower-case one win when both are set.
-    for name in ("http_proxy", "HTTP_PROXY"):
+def _proxy_env(
+    monkeypatch: pytest.MonkeyPatch, proxy: str, no_proxy: str = "", scheme: str = "http"
+) -> None:
+    # Every variable a machine may have, cleared, then the one the test names in both
+    # spellings: Python lets the lower-case one win when both are set.
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    for name in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY"):
         monkeypatch.setenv(name, proxy)
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.setenv(name, no_proxy)
 
 
+@pytest.mark.parametrize(
+    ("scheme", "written"),
+    [("http", "url"), ("http", "host:port"), ("all", "url")],
+    ids=["HTTP_PROXY", "HTTP_PROXY without a scheme", "ALL_PROXY"],
+)
 async def test_requests_go_through_the_proxy_the_environment_names(
-    upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+    upstream: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, scheme: str, written: str
 ) -> None:
-    _proxy_env(monkeypatch, upstream.base)  # the fake answers absolute-form requests too
+    proxy = upstream.base if written == "url" else upstream.base.removeprefix("http://")
+    _proxy_env(monkeypatch, proxy, scheme=scheme)  # the fake answers absolute-form requests
     model = OpenAIModel("gpt-test", base_url="http://api.example.invalid/v1", api_key="k")
     upstream.enqueue(Completion(text=["via the proxy"]))
     try:
@@ -281,6 +293,46 @@ async def test_requests_go_through_the_proxy_the_environment_names(
 
     assert events[0] == TextDelta("via the proxy")
     assert upstream.requests[-1].path == "http://api.example.invalid/v1/chat/completions"
+
+
+async def test_a_proxy_that_never_answers_times_out_within_the_connect_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def accept_and_say_nothing(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    silent = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    _proxy_env(monkeypatch, f"http://127.0.0.1:{port}", scheme="https")
+    model = OpenAIModel("gpt-test", base_url="https://api.example.invalid/v1", timeout=1.0)
+    try:
+        async with asyncio.timeout(5):
+            _, error = await collect_until_error(model)
+    finally:
+        await model.aclose()
+        silent.close()
+        for writer in accepted:
+            writer.close()
+            await writer.wait_closed()
+
+    assert isinstance(error, ModelTimeout)
+    assert accepted, "the proxy was never asked"
+
+
+async def test_redirects_are_reported_not_followed(upstream: FakeOpenAI) -> None:
+    elsewhere = "http://elsewhere.example.invalid/v1/chat/completions"
+    upstream.enqueue(HTTPError(307, "Moved", headers={"location": elsewhere}))
+    model = OpenAIModel("gpt-test", base_url=upstream.url, api_key="sk-secret")
+    try:
+        _, error = await collect_until_error(model)
+    finally:
+        await model.aclose()
+
+    assert "HTTP 307" in str(error)
+    assert f"redirected to {elsewhere}" in str(error)
+    assert len(upstream.requests) == 1
 
 
 async def test_hosts_in_no_proxy_are_reached_directly(

@@ -32,7 +32,7 @@ class UpstreamClient:
 
     aiohttp rather than httpx on this path: each read of a streamed answer is the per-token
     hot path, and ``bench/upstream_client.py`` measured httpx (httpcore, h11, an anyio cancel
-    scope per read, a pool walk per request) at about 4x aiohttp's CPU per read and per
+    scope per read, a pool walk per request) at 2 to 4x aiohttp's CPU per read and per
     request. httpx
     still serves the tools and the Python client, where nothing is per token.
 
@@ -46,10 +46,12 @@ class UpstreamClient:
         # on every request (a tenth of a turn's CPU at 1,000 concurrent turns).
         self.proxy = env_proxy(url)
         self._headers = headers
-        # Connecting gets at most 10 s whatever the read timeout: a dead host fails fast.
-        # ``sock_read`` is the longest silence between two reads, like httpx's read timeout.
+        # Connecting gets at most 10 s whatever the read timeout, so a dead host fails fast:
+        # ``connect`` covers the whole of it (DNS, a proxy's CONNECT, TLS), ``sock_connect``
+        # each TCP attempt. ``sock_read`` is the longest silence between two reads.
+        connect = min(timeout, 10.0)
         self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=min(timeout, 10.0), sock_read=timeout
+            total=None, connect=connect, sock_connect=connect, sock_read=timeout
         )
         self._session: aiohttp.ClientSession | None = None
 
@@ -86,12 +88,18 @@ def trusted_roots() -> ssl.SSLContext:
 
 
 def env_proxy(url: str) -> str | None:
-    """The proxy that ``HTTP_PROXY``, ``HTTPS_PROXY`` and ``NO_PROXY`` choose for ``url``."""
+    """The proxy that ``HTTP(S)_PROXY``, ``ALL_PROXY`` and ``NO_PROXY`` choose for ``url``.
+
+    As curl and httpx read them: a proxy given without a scheme is an ``http://`` one.
+    """
     parts = urllib.parse.urlsplit(url)
     proxies = urllib.request.getproxies()
     if not parts.hostname or urllib.request.proxy_bypass(parts.hostname):
         return None
-    return proxies.get(parts.scheme)
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if proxy and "://" not in proxy:
+        proxy = "http://" + proxy
+    return proxy or None
 
 
 class SSEDecoder:
@@ -168,8 +176,14 @@ async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
 
 
 async def http_error(name: str, response: aiohttp.ClientResponse) -> ModelError:
-    """A ``ModelError`` for a 4xx/5xx answer, carrying the status and the upstream's message."""
+    """A ``ModelError`` for a 3xx/4xx/5xx answer, with the status and the upstream's message.
+
+    Redirects are not followed (the API key would go along to wherever they point); the
+    error names the new location so the base URL can be fixed.
+    """
     detail = error_detail(await _read_capped(response), response.reason or "")
+    if location := response.headers.get("location"):
+        detail += f" (redirected to {location}; set the base URL to it)"
     message = f"{name}: HTTP {response.status}: {detail}"
     if retry_after := response.headers.get("retry-after"):
         unit = " s" if retry_after.isdigit() else ""
@@ -223,8 +237,8 @@ async def stream_events(
         # ``async with`` inside the generator: closing the generator (cancel, aclose)
         # releases the response unread, which closes its connection, so the provider
         # stops generating.
-        async with client.session().post(client.url, data=body) as response:
-            if response.status >= 400:
+        async with client.session().post(client.url, data=body, allow_redirects=False) as response:
+            if response.status >= 300:
                 raise await http_error(name, response)
             if "text/event-stream" not in response.headers.get("content-type", ""):
                 raise await not_an_event_stream(name, response)
