@@ -211,7 +211,10 @@ class Cluster:
                 frames = run.read(reader)
                 if frames:
                     try:
-                        async with self.redis.pipeline(transaction=False) as pipe:
+                        # One MULTI/EXEC: a command refused as it is queued (out of memory,
+                        # a read-only replica) aborts the whole batch, so no frame in the
+                        # middle can go missing while later ones are written.
+                        async with self.redis.pipeline(transaction=True) as pipe:
                             for offset, frame in enumerate(frames):
                                 pipe.xadd(
                                     key,
