@@ -212,8 +212,13 @@ def test_a_yes_to_the_assistants_question_is_left_to_the_model() -> None:
     asked = m.assistant("I can check Busan's weather too. Shall I?")
     told = m.assistant("It is 21°C and sunny in Seoul.")
 
+    offered = m.assistant("Shall I check Busan too? Just say the word.")
+    offered_ja = m.assistant("釜山の天気も調べましょうか。")
+
     assert _acknowledges([m.user("weather in Seoul?"), told, m.user("OK.")])
     assert not _acknowledges([m.user("weather in Seoul?"), asked, m.user("yes")])
+    assert not _acknowledges([m.user("weather in Seoul?"), offered, m.user("yes")])
+    assert not _acknowledges([m.user("ソウルの天気は"), offered_ja, m.user("はい")])
     assert not _acknowledges([m.user("ok, and in Busan?")])
 
 

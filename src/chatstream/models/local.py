@@ -83,6 +83,8 @@ _ACKNOWLEDGEMENTS = frozenset(
     "응 어 엉 네 넵 넹 예 아니 아니요 아뇨 그래 좋아 ㅇㅇ ㅇㅋ ㄴㄴ はい いいえ うん".split()
 )
 
+_QUESTION_MARKS = ("?", "\uff1f", "\u304b\u3002")  # ?, fullwidth ?, Japanese ka + full stop
+
 # What the first character of each vocabulary entry says about a reply that starts with it.
 _NEUTRAL, _TEXT_SHAPED, _CALL_SHAPED = 0, 1, 2
 
@@ -530,13 +532,15 @@ def chat_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
 def _acknowledges(messages: Sequence[Message]) -> bool:
     """True when the last message is the user's bare acknowledgement ("ok", "네", ".").
 
-    Not when it answers a question the assistant just asked ("Shall I check Busan too?"
-    "yes"): then the history says what the yes is for, and the model decides.
+    Not when it may answer something the assistant just asked ("Shall I check Busan too?
+    Just say the word." "yes"): then the history says what the yes is for, and the model
+    decides. Any question mark counts, and Japanese's question particle ``か`` before a
+    full stop, which often ends a question without one.
     """
     if not messages or messages[-1].role != "user":
         return False
     if len(messages) > 1 and messages[-2].role == "assistant":
-        if messages[-2].content.rstrip().endswith(("?", "？")):  # noqa: RUF001
+        if any(mark in messages[-2].content for mark in _QUESTION_MARKS):
             return False
     bare = "".join(ch for ch in messages[-1].content.casefold() if ch.isalnum())
     return not bare or bare in _ACKNOWLEDGEMENTS
