@@ -67,7 +67,8 @@ def settle_garbage_collector() -> None:
     again. A thousand turns starting together then add a few hundred thousand objects
     that live for the turn, and with the default thresholds every growth of a quarter set
     off a full collection that walked them all: pauses of 70 to 150 ms, felt by every
-    stream at once (``bench/run.py``, C=1,000: gap p99 250 ms). Full collections now wait
+    stream at once (``bench/run.py``, C=1,000, frozen but default thresholds: a gap p99 of
+    250 ms in the run that measured those pauses). Full collections now wait
     for a thousand middle ones; the young generations stay small so each pause is short
     (under 30 ms measured). Little of what a turn allocates is cyclic garbage: the
     collections during that run found almost none.
