@@ -97,7 +97,8 @@ def _mirrored(results: list[Any]) -> int:
     """How many of a batch's XADDs, from the first, have their entry in the stream.
 
     An id the stream already holds counts as written: a retry re-sends a batch whose
-    first attempt may have been applied in part before the connection failed.
+    first attempt may have been applied before the connection failed, or that overlaps
+    an earlier one.
     """
     for index, result in enumerate(results):
         if isinstance(result, ResponseError) and "equal or smaller" in str(result):
