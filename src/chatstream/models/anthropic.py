@@ -236,8 +236,8 @@ class AnthropicModel:
         # A gateway in front of the API may hold the key itself: then send none.
         if api_key:
             headers["x-api-key"] = api_key
-        self._url = f"{self.base_url}/v1/messages"
-        self._client = UpstreamClient(self._url, headers=headers, timeout=timeout)
+        url = f"{self.base_url}/v1/messages"
+        self._client = UpstreamClient(url, headers=headers, timeout=timeout)
 
     def request_body(self, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> bytes:
         """The JSON body of one streaming request."""

@@ -228,8 +228,8 @@ class OpenAIModel:
         # Local servers (Ollama, vLLM, llama.cpp) need no key: then send no header at all.
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
-        self._url = f"{self.base_url}/chat/completions"
-        self._client = UpstreamClient(self._url, headers=headers, timeout=timeout)
+        url = f"{self.base_url}/chat/completions"
+        self._client = UpstreamClient(url, headers=headers, timeout=timeout)
 
     def request_body(self, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> bytes:
         """The JSON body of one streaming request."""
