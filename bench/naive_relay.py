@@ -5,7 +5,10 @@ chatstream (``token`` frames with ``id: <run>:<seq>``, then ``done``), so the lo
 client reads both the same way. Written the usual way on purpose: ``AsyncOpenAI``
 streaming (a pydantic object per chunk), an async generator of f-strings, stdlib
 ``json``. With ``--store PATH`` it keeps sessions in SQLite the usual way too: load the
-history before the turn, insert the two messages after it.
+history before the turn, insert the two messages after it, on one aiosqlite connection.
+One lock keeps those calls apart: concurrent turns sharing the connection otherwise fail
+now and then with ``sqlite3.InterfaceError: bad parameter or other API misuse``, and a
+baseline that drops streams would measure its bug rather than its cost.
 
 Run: ``.venv/bin/python bench/naive_relay.py --port 8001 [--store /tmp/naive.db]``
 (upstream from ``OPENAI_BASE_URL``).
@@ -14,6 +17,7 @@ Run: ``.venv/bin/python bench/naive_relay.py --port 8001 [--store /tmp/naive.db]
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import uuid
@@ -34,6 +38,7 @@ SYSTEM = "You are a helpful assistant."
 def create_app(*, model: str, store: str | None) -> FastAPI:
     """The relay; ``store`` is a SQLite path, or None to keep nothing."""
     db: aiosqlite.Connection | None = None
+    db_lock = asyncio.Lock()
     client = AsyncOpenAI(
         base_url=os.environ.get("OPENAI_BASE_URL"), api_key=os.environ.get("OPENAI_API_KEY", "x")
     )
@@ -59,24 +64,26 @@ def create_app(*, model: str, store: str | None) -> FastAPI:
     async def load(session_id: str) -> list[dict[str, Any]]:
         if db is None:
             return []
-        cursor = await db.execute(
-            "SELECT role, content FROM messages WHERE session_id = ? ORDER BY position",
-            (session_id,),
-        )
-        rows = await cursor.fetchall()
+        async with db_lock:
+            cursor = await db.execute(
+                "SELECT role, content FROM messages WHERE session_id = ? ORDER BY position",
+                (session_id,),
+            )
+            rows = await cursor.fetchall()
         return [{"role": role, "content": content} for role, content in rows]
 
     async def save(session_id: str, start: int, user: str, answer: str) -> None:
         if db is None:
             return
-        await db.executemany(
-            "INSERT INTO messages VALUES (?, ?, ?, ?)",
-            [
-                (session_id, start, "user", user),
-                (session_id, start + 1, "assistant", answer),
-            ],
-        )
-        await db.commit()
+        async with db_lock:
+            await db.executemany(
+                "INSERT INTO messages VALUES (?, ?, ?, ?)",
+                [
+                    (session_id, start, "user", user),
+                    (session_id, start + 1, "assistant", answer),
+                ],
+            )
+            await db.commit()
 
     @app.get("/health")
     async def health() -> dict[str, str]:
