@@ -13,6 +13,7 @@ import uvicorn
 
 from chatstream import __version__, logs
 from chatstream.config import Settings
+from chatstream.server.listener import Server
 
 app = typer.Typer(
     name="chatstream",
@@ -37,7 +38,7 @@ def root(
     """chatstream: an SSE chat server with tools and persistent sessions."""
 
 
-class _Server(uvicorn.Server):
+class _Server(Server):
     """uvicorn, told about SIGTERM/SIGINT early enough to drain runs before connections close."""
 
     def __init__(self, config: uvicorn.Config, app: Any) -> None:

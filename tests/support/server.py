@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from chatstream.config import Settings
 from chatstream.server.app import Runtime, create_app
+from chatstream.server.listener import Server
 from chatstream.server.protocol import uvicorn_config
 
 
@@ -49,7 +50,7 @@ def live_server(settings: Settings) -> Iterator[LiveServer]:
     settings = settings.with_(host="127.0.0.1", port=port)
     app = create_app(settings)
     config = uvicorn_config(app, settings, log_level="warning", loop="asyncio")
-    server = uvicorn.Server(config)
+    server = Server(config)
     live = LiveServer(url=f"http://127.0.0.1:{port}", app=app, server=server)
 
     def serve() -> None:
