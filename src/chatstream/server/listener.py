@@ -10,13 +10,14 @@ streams waited about 3 s for their first token while the others ran.
 ``Listener`` accepts like asyncio's own loop does: when the socket is readable, it takes
 up to ``batch`` waiting connections and hands each to the running loop with
 ``loop.connect_accepted_socket``, so they get the loop's usual transports and the
-server's protocol. ``Server`` is uvicorn's server listening through it.
+server's protocol. When ``accept`` fails (out of descriptors, say), it waits a second
+and tries again, the connections still queued. ``Server`` is uvicorn's server listening
+through it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 import sys
@@ -27,8 +28,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 log = logging.getLogger("chatstream.server")
 
-# Out of descriptors or memory: the connections stay queued and are tried again later.
-_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# How long accepting pauses after accept() failed (out of descriptors, say).
 RETRY_AFTER_S = 1.0
 # Connections taken per wake-up: enough to drain a burst of a thousand in a few turns of
 # the loop, few enough that one turn does not take on all of their requests at once.
@@ -82,8 +82,8 @@ class Listener:
             except ConnectionAbortedError:
                 continue  # the client gave up while it was queued
             except OSError as exc:
-                if exc.errno not in _EXHAUSTED:
-                    raise
+                # Out of descriptors or memory, mostly. Raising here would leave the
+                # reader armed and failing on every turn; the connections stay queued.
                 log.warning(
                     "cannot accept connections (%s); trying again in %g s", exc, RETRY_AFTER_S
                 )
@@ -119,8 +119,8 @@ class Listener:
 class Server(uvicorn.Server):
     """uvicorn's server, accepting through ``Listener`` when it serves a host and port.
 
-    A Unix socket, a file descriptor or sockets handed in by a process manager go
-    through uvicorn as they are.
+    A Unix socket, a file descriptor, sockets handed in by a process manager and TLS
+    go through uvicorn as they are.
     """
 
     def __init__(self, config: uvicorn.Config) -> None:
@@ -129,7 +129,7 @@ class Server(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         config = self.config
-        if sockets is not None or config.uds is not None or config.fd is not None:
+        if sockets is not None or config.uds or config.fd is not None or config.ssl:
             await super().startup(sockets)
             return
         # The application's start-up, with no listener of uvicorn's own.
