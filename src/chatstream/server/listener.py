@@ -10,14 +10,14 @@ streams waited about 3 s for their first token while the others ran.
 ``Listener`` accepts like asyncio's own loop does: when the socket is readable, it takes
 up to ``batch`` waiting connections and hands each to the running loop with
 ``loop.connect_accepted_socket``, so they get the loop's usual transports and the
-server's protocol. When ``accept`` fails (out of descriptors, say), it waits a second
-and tries again, the connections still queued. ``Server`` is uvicorn's server listening
-through it.
+server's protocol. Out of descriptors or memory, it waits a second and tries again, the
+connections still queued. ``Server`` is uvicorn's server listening through it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import sys
@@ -28,7 +28,8 @@ from uvicorn.config import STARTUP_FAILURE
 
 log = logging.getLogger("chatstream.server")
 
-# How long accepting pauses after accept() failed (out of descriptors, say).
+# Out of descriptors or memory: accepting pauses, and the connections stay queued.
+_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 RETRY_AFTER_S = 1.0
 # Connections taken per wake-up: enough to drain a burst of a thousand in a few turns of
 # the loop, few enough that one turn does not take on all of their requests at once.
@@ -39,15 +40,26 @@ def bind(host: str | None, port: int, backlog: int) -> list[socket.socket]:
     """Non-blocking listening sockets for every address ``host`` resolves to.
 
     As ``loop.create_server`` does: one socket per address family and address (an empty
-    host means every interface), IPv6 sockets IPv6-only, ``SO_REUSEADDR`` set.
+    host means every interface), IPv6 sockets IPv6-only, ``SO_REUSEADDR`` set, and an
+    address whose family the kernel lacks (IPv6 turned off) skipped.
     """
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     try:
         for family, address in dict.fromkeys((i[0], i[4]) for i in infos):
-            sock = socket.create_server(address, family=family, backlog=backlog)
-            sock.setblocking(False)
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError:
+                continue
             sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+        if not sockets:
+            raise OSError(f"no address of {host!r} can be listened on here")
     except BaseException:
         for sock in sockets:
             sock.close()
@@ -82,8 +94,11 @@ class Listener:
             except ConnectionAbortedError:
                 continue  # the client gave up while it was queued
             except OSError as exc:
-                # Out of descriptors or memory, mostly. Raising here would leave the
-                # reader armed and failing on every turn; the connections stay queued.
+                if exc.errno not in _EXHAUSTED:
+                    # An error of that one connection (accept(2) passes on network
+                    # errors, a firewall's EPERM): it is gone, the next may be fine.
+                    log.debug("a queued connection could not be accepted: %s", exc)
+                    continue
                 log.warning(
                     "cannot accept connections (%s); trying again in %g s", exc, RETRY_AFTER_S
                 )
@@ -91,15 +106,23 @@ class Listener:
                 self._retry = self._loop.call_later(RETRY_AFTER_S, self._resume)
                 return
             conn.setblocking(False)
-            task = self._loop.create_task(self._loop.connect_accepted_socket(self._protocol, conn))
+            task = self._loop.create_task(self._set_up(conn))
             self._handshakes.add(task)
-            task.add_done_callback(self._settled)
+            task.add_done_callback(self._handshakes.discard)
 
-    def _settled(self, task: asyncio.Task[object]) -> None:
-        self._handshakes.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            # The peer went away before its transport was set up: nothing to serve.
-            log.debug("an accepted connection could not be set up: %r", exc)
+    async def _set_up(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._protocol, conn)
+        except OSError as exc:
+            conn.close()  # the peer went away before its transport was set up
+            log.debug("an accepted connection could not be set up: %s", exc)
+        except Exception:
+            conn.close()
+            log.exception("an accepted connection could not be set up")
+
+    async def wait_handshakes(self) -> None:
+        """Until every connection accepted so far has its protocol."""
+        await asyncio.gather(*self._handshakes, return_exceptions=True)
 
     def _resume(self) -> None:
         self._retry = None
@@ -134,11 +157,11 @@ class Server(uvicorn.Server):
             return
         # The application's start-up, with no listener of uvicorn's own.
         await super().startup(sockets=[])
+        self.started = False  # not until the sockets listen
         try:
             bound = bind(config.host, config.port, config.backlog)
         except OSError as exc:
             log.error("cannot listen on %s port %d: %s", config.host, config.port, exc)
-            self.started = False
             await self.lifespan.shutdown()
             sys.exit(STARTUP_FAILURE)
 
@@ -149,8 +172,13 @@ class Server(uvicorn.Server):
 
         self.listeners = [Listener(sock, protocol) for sock in bound]
         self._log_started_message(bound)
+        self.started = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for listener in self.listeners:
             listener.close()
+        # Connections accepted last get their protocol first, so that uvicorn's
+        # shutdown reaches them too.
+        for listener in self.listeners:
+            await listener.wait_handshakes()
         await super().shutdown(sockets)
