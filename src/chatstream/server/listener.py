@@ -4,7 +4,7 @@ uvloop's servers accept through libuv, which accepts one connection each time th
 listening socket polls readable (libuv/libuv#3696): one per turn of the event loop. A
 loop relaying a thousand streams turns every 40 to 60 ms, so new connections left the
 kernel's queue about 20 a second (strace: one ``accept4`` per wake-up, never drained to
-``EAGAIN``). In five of eight of ``bench/run.py``'s C=1,000 runs, 100 to 400 of the
+``EAGAIN``). In four of six of ``bench/run.py``'s C=1,000 runs, 100 to 400 of the
 streams waited about 3 s for their first token while the others ran.
 
 ``Listener`` accepts like asyncio's own loop does: when the socket is readable, it takes
