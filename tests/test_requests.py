@@ -45,6 +45,33 @@ def error_of(response: httpx.Response) -> str:
             400,
             "INVALID_REQUEST",
         ),
+        # A seq too long to be one of ours (Python refuses to parse over 4,300 digits).
+        (
+            "GET",
+            {"headers": {"Last-Event-ID": "run_0123456789abcdef:" + "9" * 5000}},
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            "POST",
+            {"params": {"lastEventId": "run_0123456789abcdef:" + "9" * 19}, "json": {}},
+            400,
+            "INVALID_REQUEST",
+        ),
+        # Lone surrogates, as JSON escapes: no UTF-8 writer can store or stream them.
+        *(
+            (
+                "POST",
+                {"content": body, "headers": {"content-type": "application/json"}},
+                400,
+                "INVALID_REQUEST",
+            )
+            for body in (
+                b'{"message": "hi \\ud800"}',
+                b'{"message": "\\udfff tail"}',
+                b'{"message": "hi", "sessionId": "s\\ud800"}',
+            )
+        ),
     ],
 )
 async def test_bad_stream_requests_get_a_json_error(
@@ -77,3 +104,31 @@ async def test_cancel_of_an_unknown_run_is_404(client: httpx.AsyncClient) -> Non
     response = await client.post("/api/chat/runs/run_0123456789abcdef/cancel")
     assert response.status_code == 404
     assert error_of(response) == "RUN_NOT_FOUND"
+
+
+@pytest.mark.parametrize("path", ["/api/chat/stream", "/api/chat"])
+async def test_a_lone_surrogate_is_refused_before_the_turn_starts(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    body = b'{"message": "hi \\ud800", "sessionId": "surrogate"}'
+    response = await client.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert error_of(response) == "INVALID_REQUEST"
+    assert "Unicode" in response.json()["error"]["message"]
+    # Nothing ran and nothing was stored: the session does not exist.
+    assert (await client.get("/api/chat/sessions/surrogate")).status_code == 404
+    ok = await client.post(path, json={"message": "hi", "sessionId": "surrogate"})
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "event_id", ["no-such-run:3", "run_0123456789abcdef:0", "run_0123456789abcdef:17"]
+)
+async def test_resuming_a_run_that_does_not_exist_is_204(
+    client: httpx.AsyncClient, event_id: str
+) -> None:
+    response = await client.get("/api/chat/stream", headers={"Last-Event-ID": event_id})
+    assert response.status_code == 204
+    response = await client.get("/api/chat/stream", params={"lastEventId": event_id})
+    assert response.status_code == 204
+

@@ -234,6 +234,17 @@ class Run:
             self._grace_timer = None
 
 
+def _store_unavailable(exc: ChatstreamError) -> RequestError:
+    # What failed (a host, a port, a driver's words) is for the log, not for the client.
+    log.warning("session store unavailable: %s", exc.message)
+    return RequestError(
+        503,
+        "STORE_UNAVAILABLE",
+        "The session store is unavailable; try again shortly.",
+        headers={"Retry-After": "5"},
+    )
+
+
 def frame_event(frame: bytes) -> bytes:
     """The event type of an encoded frame (its second line is ``event: <type>``)."""
     start = frame.index(b"\nevent: ") + 8
@@ -259,7 +270,8 @@ class RunStatus:
     session_id: str
     state: str
     last_seq: int
-    cancelled: bool | None = None
+    # Whether the run was stopped (for a cancel: whether this request stopped it).
+    cancelled: bool = False
 
 
 class RunManager:
@@ -324,7 +336,7 @@ class RunManager:
         try:
             return await call
         except ChatstreamError as exc:
-            raise RequestError(503, "STORE_UNAVAILABLE", exc.message) from exc
+            raise _store_unavailable(exc) from exc
 
     async def start(
         self, session_id: str, message: str, *, enable_tools: bool = True, owner: str = ""
@@ -374,7 +386,7 @@ class RunManager:
             if claimed and self.cluster is not None:
                 await self.cluster.release(run)
             if isinstance(exc, ChatstreamError) and not isinstance(exc, RequestError):
-                raise RequestError(503, "STORE_UNAVAILABLE", exc.message) from exc
+                raise _store_unavailable(exc) from exc
             raise
         history = session.messages[-self.settings.max_history_messages :] if session else ()
         # A trimmed history must not start inside a tool round: begin at a user message.
@@ -432,9 +444,9 @@ class RunManager:
             state = RunState.CANCELLED
         except ModelError as exc:
             outcome = Error(exc.code, exc.message)
-        except Exception as exc:
+        except Exception:
             log.exception("run %s failed", run.id)
-            outcome = Error("INTERNAL_ERROR", f"The turn failed: {type(exc).__name__}")
+            outcome = Error("INTERNAL_ERROR", "The turn failed because of an internal error.")
         await self._store_and_finish(run, turn, outcome, state)
         metrics.tokens_out.inc(tokens)
         metrics.turn_duration.observe(time.perf_counter() - started)
@@ -451,9 +463,9 @@ class RunManager:
         try:
             session = await self.store.append(run.store_key, turn.to_store())
             run.stored = True
-        except Exception as exc:
+        except Exception:
             log.exception("run %s: storing the turn failed", run.id)
-            terminal = Error("INTERNAL_ERROR", f"The turn could not be saved: {exc}")
+            terminal = Error("INTERNAL_ERROR", "The turn could not be saved: the store failed.")
             state = RunState.FAILED
         else:
             if outcome is None:
@@ -523,13 +535,26 @@ class RunManager:
         if run is not None:
             if run.owner != owner:
                 return None
-            return RunStatus(run.id, run.session_id, run.state.value, run.last_seq)
+            return RunStatus(
+                run.id,
+                run.session_id,
+                run.state.value,
+                run.last_seq,
+                cancelled=run.state is RunState.CANCELLED,
+            )
         if self.cluster is None:
             return None
         info = await self._shared(self.cluster.info(run_id))
         if info is None or info.get("owner_key", "") != owner:
             return None
-        return RunStatus(run_id, info["session"], info["state"], int(info.get("last_seq", 0)))
+        state = info["state"]
+        return RunStatus(
+            run_id,
+            info["session"],
+            state,
+            int(info.get("last_seq", 0)),
+            cancelled=state == RunState.CANCELLED.value,
+        )
 
     async def drain(self, deadline_s: float) -> None:
         """Take no new turns; let running ones finish up to the deadline; cancel the rest."""

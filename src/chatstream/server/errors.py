@@ -41,8 +41,15 @@ def install(app: FastAPI) -> None:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(StoreError)
-    async def store_error(_: Request, exc: StoreError) -> JSONResponse:
-        return error_response(503, "STORE_UNAVAILABLE", exc.message, {"Retry-After": "5"})
+    async def store_error(request: Request, exc: StoreError) -> JSONResponse:
+        # The store's own words (a host, a port, a driver's message) go to the log only.
+        log.warning("store failed on %s %s: %s", request.method, request.url.path, exc.message)
+        return error_response(
+            503,
+            "STORE_UNAVAILABLE",
+            "The session store is unavailable; try again shortly.",
+            {"Retry-After": "5"},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

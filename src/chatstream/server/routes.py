@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -55,7 +57,9 @@ Caller = Annotated[str, Depends(_caller)]
 """The caller's id: "" when the server has no keys; 401 for a missing or wrong key."""
 STATIC = Path(__file__).parent / "static"
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-EVENT_ID = re.compile(r"(run_[0-9a-f]+):(\d+)")
+# ``<runId>:<seq>``. Any id of that shape is looked up (an unknown run answers 204, as the
+# contract says); the seq is bounded so that parsing it costs nothing.
+EVENT_ID = re.compile(r"([A-Za-z0-9._-]{1,128}):(\d{1,18})")
 
 # One event of the stream, as an SSE parser sees it; ``data`` is compact JSON whose shape
 # depends on ``event`` (see the README and the contract).
@@ -150,29 +154,14 @@ async def _stream(
 ) -> Response | EventStream:
     runtime = runtime_of(request)
     settings = runtime.settings
-    identity = _identity(request, caller)
     if last_event_id:
         run, after = await _resumable(request, caller, last_event_id)
         if run is None:
             return Response(status_code=204)
-        release = runtime.slots.acquire(identity)
+        release = runtime.slots.acquire(_identity(request, caller))
     else:
         text, session_id = _validate_turn(message, session_id, settings.max_message_chars)
-        refund = runtime.turn_rate.check(identity)
-        try:
-            release = runtime.slots.acquire(identity)
-        except RequestError:
-            refund()
-            raise
-        try:
-            run = await runtime.runs.start(
-                session_id, text, enable_tools=enable_tools, owner=caller
-            )
-        except BaseException:
-            # A turn refused here (busy session, store down) is not counted.
-            release()
-            refund()
-            raise
+        run, release = await _start_turn(request, caller, text, session_id, enable_tools)
         after = 0
     return EventStream(
         run,
@@ -182,6 +171,50 @@ async def _stream(
         headers={"X-Session-Id": run.session_id, "X-Run-Id": run.id},
         on_close=release,
     )
+
+
+async def _start_turn(
+    request: Request, caller: str, text: str, session_id: str, enable_tools: bool
+) -> tuple[Run, Callable[[], None]]:
+    """Start a turn within the caller's limits; the run, and the release of its slot.
+
+    A streamed and a non-streamed turn count alike: one turn against the rate, one slot
+    against the open-stream limits while the caller waits for it.
+    """
+    runtime = runtime_of(request)
+    identity = _identity(request, caller)
+    refund = runtime.turn_rate.check(identity)
+    try:
+        release = runtime.slots.acquire(identity)
+    except RequestError:
+        refund()
+        raise
+    try:
+        run = await runtime.runs.start(session_id, text, enable_tools=enable_tools, owner=caller)
+    except BaseException:
+        # A turn refused here (busy session, store down) is not counted.
+        release()
+        refund()
+        raise
+    return run, release
+
+
+async def _finished_unless_gone(request: Request, run: Run) -> bool:
+    """Wait for the run to finish: True, or False as soon as the client hangs up."""
+    finished = asyncio.ensure_future(run.wait_finished())
+    gone = asyncio.ensure_future(_hang_up(request))
+    try:
+        await asyncio.wait((finished, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        finished.cancel()
+        gone.cancel()
+    return run.finished
+
+
+async def _hang_up(request: Request) -> None:
+    # The body has been read, so the server's next message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _identity(request: Request, caller: str) -> str:
@@ -214,7 +247,9 @@ async def _resumable(request: Request, caller: str, last_event_id: str) -> tuple
     match = EVENT_ID.fullmatch(last_event_id.strip())
     if match is None:
         raise RequestError(
-            400, "INVALID_REQUEST", "`Last-Event-ID` must look like <runId>:<seq>, as sent."
+            400,
+            "INVALID_REQUEST",
+            "`Last-Event-ID` must look like <runId>:<seq> (a seq of at most 18 digits), as sent.",
         )
     seq = int(match.group(2))
     run = await runtime_of(request).runs.find(match.group(1), seq, owner=caller)
@@ -276,23 +311,20 @@ async def chat(request: Request, caller: Caller, body: ChatRequest) -> ChatRespo
     text, session_id = _validate_turn(
         body.message, body.sessionId, runtime.settings.max_message_chars
     )
-    refund = runtime.turn_rate.check(_identity(request, caller))
-    try:
-        run = await runtime.runs.start(
-            session_id, text, enable_tools=body.enableTools, owner=caller
-        )
-    except BaseException:
-        refund()
-        raise
-    await run.wait_finished()
-    answer: list[str] = []
-    calls: dict[str, ToolCallOut] = {}
-    decoder = FrameDecoder()
+    run, release = await _start_turn(request, caller, text, session_id, body.enableTools)
+    # The caller is the run's subscriber while it waits, as a stream's reader is: one that
+    # hangs up leaves the run to the resume grace period, then it is cancelled.
     subscriber = run.subscribe(0)
     try:
-        frames = decoder.feed(b"".join(run.read(subscriber)))
+        if not await _finished_unless_gone(request, run):
+            # Nobody reads this answer; the request log shows it as the client's hang-up.
+            raise RequestError(499, "CLIENT_GONE", "The client went away before the answer.")
+        frames = FrameDecoder().feed(b"".join(run.read(subscriber)))
     finally:
         run.unsubscribe(subscriber)
+        release()
+    answer: list[str] = []
+    calls: dict[str, ToolCallOut] = {}
     for frame in frames:
         event = parse_event(frame)
         if isinstance(event, Token):

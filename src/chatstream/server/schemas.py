@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+
+
+def _encodable(text: str) -> str:
+    # JSON may escape a lone surrogate ("\ud800"), which Python decodes into a str that
+    # no UTF-8 writer (the store, the stream) accepts: refuse it before the turn starts.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid Unicode text (it holds a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+"""A string from a request body that can be stored and streamed as UTF-8."""
 
 
 class ChatRequest(BaseModel):
@@ -25,10 +39,10 @@ class ChatRequest(BaseModel):
         },
     )
 
-    message: str | None = Field(
+    message: Text | None = Field(
         default=None, description="The user's message. Required, unless the request resumes a run."
     )
-    sessionId: str | None = Field(
+    sessionId: Text | None = Field(
         default=None,
         description="1-128 characters of [A-Za-z0-9._:-]; the server makes one when absent.",
     )
@@ -98,7 +112,10 @@ class RunOut(BaseModel):
     sessionId: str
     state: str
     lastSeq: int
-    cancelled: bool | None = None
+    cancelled: bool = Field(
+        default=False,
+        description="Whether the run was stopped; on a cancel, whether this request stopped it.",
+    )
 
 
 class ToolOut(BaseModel):
