@@ -96,6 +96,14 @@ def serve(
         str,
         typer.Option(envvar="CHATSTREAM_STORE", help="sqlite:///<path> (default chatstream.db)"),
     ] = "sqlite:///chatstream.db",
+    forwarded_allow_ips: Annotated[
+        str,
+        typer.Option(
+            envvar=["CHATSTREAM_FORWARDED_ALLOW_IPS", "FORWARDED_ALLOW_IPS"],
+            help="Proxies whose X-Forwarded-For / -Proto are believed: comma-separated "
+            "addresses or networks, or * for any. Others' headers are ignored.",
+        ),
+    ] = "127.0.0.1",
     log_level: Annotated[
         str, typer.Option(envvar="CHATSTREAM_LOG_LEVEL", help="debug, info, warning or error")
     ] = "info",
@@ -121,6 +129,7 @@ def serve(
         log_level=log_level.lower(),
         log_config=None,  # keep the handlers logs.configure set up
         access_log=False,  # chatstream.http logs each request once, with more detail
+        forwarded_allow_ips=forwarded_allow_ips,
     )
     server = _Server(config, application)
     server.run()
