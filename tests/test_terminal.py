@@ -76,6 +76,15 @@ def test_echo_into_the_chat_prints_tool_progress_and_one_result_line(server: Liv
     assert len([line for line in lines if "get_weather(" in line]) == 1  # folded into one line
 
 
+def test_the_readmes_arithmetic_example_calls_the_calculator(server: LiveServer) -> None:
+    """``echo "what is 2**10?" | chatstream chat``, as the README shows it."""
+    done = piped(server.url, "what is 2**10?\n")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.startswith('✓ calculate(expression="2**10") → 1024') for line in lines)
+    assert lines[-1].endswith("1024")
+
+
 def test_piped_chat_exits_1_when_a_turn_fails_or_the_server_is_down(server: LiveServer) -> None:
     failed = piped(server.url, "simulate a model error\ncount to 3\n/new\n/history\n")
     assert failed.returncode == 1

@@ -47,7 +47,7 @@ _CITY_ZONES = {
 }
 _HANGUL = re.compile(r"[\uac00-\ud7a3]")
 _ZONE = re.compile(r"\b([A-Z][a-z]+(?:/[A-Z][A-Za-z_]+)+|UTC)\b")
-_EXPRESSION = re.compile(r"[-(]*\d[\d.\s]*(?:[-+*/%^][-(\s]*\d[\d.\s)]*)+")
+_EXPRESSION = re.compile(r"[-(]*\d[\d.\s]*(?:(?:\*\*|[-+*/%^])[-(\s]*\d[\d.\s)]*)+")
 _EN_CITY = re.compile(r"\b(?:in|for|at)\s+([A-Z][a-zA-Z]+(?:\s+[A-Z][a-zA-Z]+)?)")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _COUNT_TO = re.compile(r"count to (\d+)", re.I)
