@@ -291,7 +291,9 @@ def test_a_raw_utf8_url_like_curl_sends_works(server: LiveServer) -> None:
     host, port = server.url.removeprefix("http://").split(":")
     target = "/api/chat/stream?message=안녕하세요&enableTools=true".encode()
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        sock.sendall(
+            b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
         received = b""
         while chunk := sock.recv(65536):
             received += chunk
