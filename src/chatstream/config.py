@@ -48,6 +48,9 @@ class Settings:
     turns_per_minute: int = 60
     # HTTP
     cors_origins: tuple[str, ...] = ()
+    # Host names (no port) a loopback-bound server answers to besides localhost,
+    # 127.0.0.1 and [::1]: a name a proxy forwards, say (DNS rebinding guard).
+    allowed_hosts: tuple[str, ...] = ()
     log_body_bytes: int = 2048
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI
-from starlette.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 from starlette.staticfiles import StaticFiles
 
 from chatstream import __version__
@@ -22,6 +22,7 @@ from chatstream.runs import RunManager
 from chatstream.server import errors, routes
 from chatstream.server.auth import KeyRing
 from chatstream.server.limits import BodyLimit, StreamSlots, TurnRate
+from chatstream.server.origin import CorsPolicy, OriginGuard, is_loopback
 from chatstream.server.requestlog import RequestLog
 from chatstream.store import SessionStore, open_store
 from chatstream.tools import default_tools
@@ -103,6 +104,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             started = time.monotonic()
             await warm_up(tools.specs())
             log.info("model %s ready in %.1f s", model.name, time.monotonic() - started)
+        if settings.allowed_hosts and not is_loopback(settings.host):
+            log.warning(
+                "CHATSTREAM_ALLOWED_HOSTS is checked only on a loopback bind; on %s every "
+                "Host is answered",
+                settings.host,
+            )
         log.info(
             "chatstream %s serving model %s%s with store %s",
             __version__,
@@ -119,7 +126,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await model.aclose()
             await store.close()
 
-    app = FastAPI(
+    # fastapi-offline serves Swagger UI and ReDoc from its own package, so /docs and /redoc
+    # work with no network (FastAPI's own pages load them from a CDN).
+    app = FastAPIOffline(
         title="chatstream",
         version=__version__,
         summary="Stream an LLM agent's answer and tool work over Server-Sent Events.",
@@ -132,14 +141,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes.router)
     # The chat page's scripts and styles (GET / serves its index.html).
     app.mount("/static", StaticFiles(directory=routes.STATIC), name="static")
+    # Starlette runs the middleware added last first: RequestLog, OriginGuard, BodyLimit,
+    # CORS. Refusals are logged; a foreign origin is refused before its body is read.
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            CorsPolicy,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Content-Type", "Authorization", "Last-Event-ID"],
             expose_headers=["X-Session-Id", "X-Run-Id"],
         )
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(OriginGuard, settings=settings)
     app.add_middleware(RequestLog, body_limit=settings.log_body_bytes)
     return app
