@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -132,3 +133,12 @@ async def test_resuming_a_run_that_does_not_exist_is_204(
     response = await client.get("/api/chat/stream", params={"lastEventId": event_id})
     assert response.status_code == 204
 
+
+async def test_the_docs_page_needs_no_network(client: httpx.AsyncClient) -> None:
+    for page in ("/docs", "/redoc"):
+        html = (await client.get(page)).text
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html) + re.findall(r"url: '([^']+)'", html)
+        assert assets, page
+        for url in assets:
+            assert url.startswith("/"), f"{page} loads {url} from elsewhere"
+            assert (await client.get(url)).status_code == 200, url
