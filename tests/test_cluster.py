@@ -85,6 +85,23 @@ async def test_a_busy_session_on_a_refuses_a_turn_on_b(
         assert after.data[-1]["historyLength"] == 4
 
 
+async def test_the_run_status_on_b_counts_the_events_a_has_logged(
+    pair: tuple[ServerProcess, ServerProcess],
+) -> None:
+    a, b = pair
+    async with httpx.AsyncClient(timeout=30) as http:
+        params = {"message": "count to 300", "sessionId": "seq-x"}
+        first = await stream(http, "GET", f"{a.url}/api/chat/stream", params=params, max_events=40)
+        run_id = (first.frames[0].id or "").rsplit(":", 1)[0]
+        await asyncio.sleep(0.3)  # the mirror has caught up
+        status = (await http.get(f"{b.url}/api/chat/runs/{run_id}")).json()
+        assert status["state"] == "running"
+        assert status["lastSeq"] >= 40
+        on_a = (await http.get(f"{a.url}/api/chat/runs/{run_id}")).json()
+        assert on_a["lastSeq"] - status["lastSeq"] < 30  # behind by one batch at most
+        await http.post(f"{a.url}/api/chat/runs/{run_id}/cancel")
+
+
 async def test_cancel_on_b_stops_a_run_on_a(pair: tuple[ServerProcess, ServerProcess]) -> None:
     a, b = pair
     async with httpx.AsyncClient(timeout=30) as http:

@@ -7,16 +7,29 @@ them runs a turn in it. Keys (``<p>`` is the prefix, ``chatstream``):
 * ``<p>:lock:<sessionId>``  the session's busy lock: the running run's id; set
   if absent, with an expiry the owner renews while the run lives. A crashed
   owner's lock expires by itself.
-* ``<p>:run:<runId>``       hash: session, owner instance, state, last seq.
+* ``<p>:run:<runId>``       hash: session, owner instance, state; last seq once it ended
+  (while it runs, its log's last entry says where it is).
 * ``<p>:run:<runId>:log``   a Redis Stream of the run's encoded frames, entry id
   ``<seq>-0``, capped with MAXLEN and expiring with the run's TTL.
 * ``<p>:cancel``            pub/sub channel: run ids to stop, heard by their owner.
 
-The owner mirrors its run's log into the stream in batches (one pipeline per
+The owner mirrors its run's log into the stream in batches (one script call per
 wake-up, never one round trip per token); readers on other instances follow
 it with ``XREAD BLOCK``. When the owner dies, its lock expires: a follower
-that finds the lock gone and no terminal event appends ``error RUN_LOST``
-itself, atomically and only once, so every reader sees the same ending.
+that finds the lock gone for a lock TTL (or taken by another run) and no
+terminal event appends ``error RUN_LOST`` itself, atomically and only once, so
+every reader sees the same ending.
+
+Redis may stall or restart (losing every key) under a live owner. The lock
+then must not silently vanish: when renewing finds it gone, the owner takes it
+back if nobody else did, with the run's record, and the mirror re-sends the
+log from the first entry Redis lost, so the stream never has a gap. When
+another run holds the lock by then, or a follower already declared the run
+lost, the owner stops its run with ``RUN_LOST``: it must not write over the
+newer turn. Renewing retries while Redis is unreachable, and the owner's last
+writes outlast a short outage (see ``store.redis.outlast``). This does not
+fence a write already under way when the lock is lost; fencing tokens come with
+the PostgreSQL store.
 """
 
 from __future__ import annotations
@@ -25,35 +38,47 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from chatstream.config import Settings
-from chatstream.errors import StoreError
-from chatstream.runs import TERMINAL_FRAMES, Run, RunState, frame_event
+from chatstream.runs import TERMINAL_FRAMES, Run, RunState, StopReason, frame_event
+from chatstream.store.redis import RECONNECT_ONCE, outlast, unavailable
 
 log = logging.getLogger("chatstream.cluster")
+
+# Where a run's log ends: the seq of its last entry (0 when it has none) and whether that
+# entry is the run's ending. The scripts below start with it.
+_LOG_END = """
+local function log_end(key)
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if not last[1] then return 0, false end
+  local seq = tonumber(string.match(last[1][1], '^(%d+)'))
+  local fields = last[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 't' and (fields[i + 1] == 'done' or fields[i + 1] == 'error') then
+      return seq, true
+    end
+  end
+  return seq, false
+end
+"""
 
 # Append ``error RUN_LOST`` after the last frame, unless the log already ended.
 # KEYS[1] the log, KEYS[2] the record; ARGV[1] run id, ARGV[2] the seq the caller has seen,
 # ARGV[3] data JSON, ARGV[4] how long the ended run stays readable (ms).
-_DECLARE_LOST = """
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local seq = tonumber(ARGV[2])
-if last[1] then
-  local fields = last[1][2]
-  for i = 1, #fields, 2 do
-    if fields[i] == 't' and (fields[i + 1] == 'done' or fields[i + 1] == 'error') then
-      return 0
-    end
-  end
-  seq = tonumber(string.match(last[1][1], '^(%d+)'))
-end
-seq = seq + 1
+_DECLARE_LOST = (
+    _LOG_END
+    + """
+local seq, ended = log_end(KEYS[1])
+if ended then return 0 end
+-- A log that Redis lost ends before what the caller has seen.
+seq = math.max(seq, tonumber(ARGV[2])) + 1
 local frame = 'id: ' .. ARGV[1] .. ':' .. seq .. '\\nevent: error\\ndata: ' .. ARGV[3] .. '\\n\\n'
 redis.call('XADD', KEYS[1], seq .. '-0', 't', 'error', 'f', frame)
 redis.call('HSET', KEYS[2], 'state', 'failed', 'last_seq', seq)
@@ -61,6 +86,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return seq
 """
+)
 
 # Delete a lock only while it still names this run.
 _RELEASE = """
@@ -68,20 +94,71 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# Extend a lock only while it still names this run, and the run's record and log with it
-# (a run may outlive the TTL they were given at its start).
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
-  redis.call('PEXPIRE', KEYS[3], ARGV[3])
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+# Extend the lock, and the run's record and log with it (a run may outlive the TTL they were
+# given at its start). A lock that is gone (expired in a stall, or lost in a restart) is taken
+# back with the run's record, unless the log has ended: a follower declared the run lost.
+# KEYS[1] the lock, KEYS[2] the record, KEYS[3] the log; ARGV[1] run id, ARGV[2] lock TTL,
+# ARGV[3] run TTL (ms), ARGV[4..7] the record's session, key, owner_key and instance.
+# Returns 1 when the lock was held, 2 when it was taken back, 0 when the run is lost.
+_RENEW = (
+    _LOG_END
+    + """
+local holder = redis.call('GET', KEYS[1])
+local held = 1
+if not holder then
+  local _, ended = log_end(KEYS[3])
+  if ended then return 0 end
+  redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+  redis.call('HSET', KEYS[2], 'session', ARGV[4], 'key', ARGV[5], 'owner_key', ARGV[6],
+             'instance', ARGV[7], 'state', 'running')
+  held = 2
+elseif holder ~= ARGV[1] then
+  return 0
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
-return 0
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+return held
 """
+)
+
+# Append a batch of frames to a run's log so that the log never has a gap: entries it already
+# holds are skipped (a retried batch), and nothing is written after a hole (Redis lost the
+# entries before the batch) or after the log's ending (a follower declared the run lost).
+# KEYS[1] the log; ARGV[1] the first frame's seq, ARGV[2] the cap, then each frame's event
+# type and the frame. Returns the seq the log ends at, or -1 when it has ended.
+_APPEND_LOG = (
+    _LOG_END
+    + """
+local have, ended = log_end(KEYS[1])
+if ended then return -1 end
+local first = tonumber(ARGV[1])
+if have < first - 1 then return have end
+for i = 3, #ARGV, 2 do
+  local seq = first + (i - 3) / 2
+  if seq > have then
+    redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], seq .. '-0', 't', ARGV[i], 'f', ARGV[i + 1])
+    have = seq
+  end
+end
+return have
+"""
+)
 
 RUN_LOST_DATA = orjson.dumps(
     {"code": "RUN_LOST", "message": "The server running this turn stopped before it finished."}
 ).decode()
+
+# The owner's side of a lost lock: another turn took the session while Redis was out of reach.
+LOCK_LOST = StopReason(
+    "RUN_LOST",
+    "This server could not reach the session store for longer than a turn holds its session, "
+    "and the turn was given up for lost; it was stopped.",
+)
+
+# Frames per mirror call: after an outage the backlog goes in pieces, so Redis stays responsive.
+_BATCH = 1000
 
 
 @dataclass(slots=True)
@@ -90,22 +167,10 @@ class _Owned:
 
     run: Run
     closing: bool = False
+    # Set when Redis may have lost the log (the lock was gone): the mirror checks where
+    # the log ends even with nothing new to send.
+    recheck: bool = False
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-
-def _mirrored(results: list[Any]) -> int:
-    """How many of a batch's XADDs, from the first, have their entry in the stream.
-
-    An id the stream already holds counts as written: a retry re-sends a batch whose
-    first attempt may have been applied before the connection failed, or that overlaps
-    an earlier one.
-    """
-    for index, result in enumerate(results):
-        if isinstance(result, ResponseError) and "equal or smaller" in str(result):
-            continue
-        if isinstance(result, Exception):
-            return index
-    return len(results)
 
 
 class Cluster:
@@ -121,13 +186,23 @@ class Cluster:
         self._run_ttl_ms = int(settings.run_ttl_s * 1000) + self.lock_ttl_ms
         self._owned: dict[str, _Owned] = {}
         self._listener: asyncio.Task[None] | None = None
+        # How long the owner's last writes wait for Redis: as long as its lock would hold.
+        self._outage_s = max(settings.lock_ttl_s, 2.0)
         self._declare_lost = self.redis.register_script(_DECLARE_LOST)
         self._release = self.redis.register_script(_RELEASE)
         self._renew = self.redis.register_script(_RENEW)
+        self._append_log = self.redis.register_script(_APPEND_LOG)
 
     @classmethod
     def from_url(cls, url: str, settings: Settings) -> Cluster:
-        redis = Redis.from_url(url, socket_connect_timeout=2, health_check_interval=10)
+        # A stalled Redis must not hang a call forever (XREAD blocks for at most 1 s).
+        redis = Redis.from_url(
+            url,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            health_check_interval=10,
+            retry=RECONNECT_ONCE,
+        )
         return cls(redis, settings)
 
     # -- keys ---------------------------------------------------------------------------
@@ -171,25 +246,26 @@ class Cluster:
                 pipe.set(self._lock(run.store_key), run.id, nx=True, px=self.lock_ttl_ms)
                 pipe.get(self._lock(run.store_key))
                 claimed, holder = await pipe.execute()
-            if not claimed:
-                return cast(bytes, holder).decode() if holder else "unknown"
-            ttl = self._run_ttl_ms
+            holder_id = cast(bytes, holder).decode() if holder else "unknown"
+            # A reconnection may re-send the SET after it was applied: the lock is ours then.
+            if not claimed and holder_id != run.id:
+                return holder_id
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(
-                    self._meta(run.id),
-                    mapping={
-                        "session": run.session_id,
-                        "key": run.store_key,
-                        "owner_key": run.owner,
-                        "instance": self.instance,
-                        "state": "running",
-                    },
-                )
-                pipe.pexpire(self._meta(run.id), ttl)
+                pipe.hset(self._meta(run.id), mapping={**self._record(run), "state": "running"})
+                pipe.pexpire(self._meta(run.id), self._run_ttl_ms)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis is unavailable: {exc}") from exc
+            raise unavailable(f"run {run.id}: claiming session {run.store_key!r}", exc) from exc
         return None
+
+    def _record(self, run: Run) -> dict[Any, Any]:
+        """The fixed fields of a run's shared record."""
+        return {
+            "session": run.session_id,
+            "key": run.store_key,
+            "owner_key": run.owner,
+            "instance": self.instance,
+        }
 
     def attach(self, run: Run) -> None:
         """Mirror the run's log into Redis and keep its lock alive while it runs."""
@@ -209,30 +285,33 @@ class Cluster:
             while True:
                 reader.wake.clear()
                 first = run.seq_of(reader) + 1
-                frames = run.read(reader)
-                if frames:
+                unread = run.read(reader)
+                frames = unread[:_BATCH]
+                reader.cursor -= len(unread) - len(frames)
+                if frames or owned.recheck:
+                    owned.recheck = False
+                    args: list[Any] = [first, cap]
+                    for frame in frames:
+                        args += (frame_event(frame), frame)
                     try:
-                        # One MULTI/EXEC: a command refused as it is queued (out of memory,
-                        # a read-only replica) aborts the whole batch, so no frame in the
-                        # middle can go missing while later ones are written.
-                        async with self.redis.pipeline(transaction=True) as pipe:
-                            for offset, frame in enumerate(frames):
-                                pipe.xadd(
-                                    key,
-                                    {"t": frame_event(frame), "f": frame},
-                                    id=f"{first + offset}-0",
-                                    maxlen=cap,
-                                    approximate=False,
-                                )
-                            written = _mirrored(await pipe.execute(raise_on_error=False))
-                        if written < len(frames):
-                            raise RedisError(f"XADD of seq {first + written} failed")
+                        ends = int(await self._append_log(keys=[key], args=args))
                     except (RedisError, OSError) as exc:
                         # Keep the frames: rewind and try again once Redis answers. Frames
-                        # a half-applied attempt did write are skipped by ``_mirrored``.
+                        # a half-applied attempt did write are skipped by the script.
                         reader.cursor -= len(frames)
+                        owned.recheck = True
                         log.warning("run %s: mirroring to Redis failed (%s)", run.id, exc)
                         await asyncio.sleep(0.5)
+                        continue
+                    if ends < 0:
+                        self._lose(run, "the log in Redis says it was lost")
+                        return
+                    if ends < first - 1:
+                        # Redis lost entries (a restart): re-send the log from the first one.
+                        log.warning(
+                            "run %s: Redis lost its log after seq %d; re-sending", run.id, ends
+                        )
+                        reader.cursor -= run.seq_of(reader) - ends
                     continue
                 if owned.closing:
                     return
@@ -242,16 +321,37 @@ class Cluster:
 
     async def _keep_alive(self, owned: _Owned) -> None:
         run = owned.run
-        lock = self._lock(run.store_key)
+        keys = [self._lock(run.store_key), self._meta(run.id), self._log(run.id)]
+        args: list[Any] = [run.id, self.lock_ttl_ms, self._run_ttl_ms, *self._record(run).values()]
+        interval = self.lock_ttl_ms / 3000
+        delay = interval
         while True:
-            await asyncio.sleep(self.lock_ttl_ms / 3000)
+            await asyncio.sleep(delay)
             try:
-                await self._renew(
-                    keys=[lock, self._meta(run.id), self._log(run.id)],
-                    args=[run.id, self.lock_ttl_ms, self._run_ttl_ms],
-                )
-            except (RedisError, OSError) as exc:
+                held = int(await self._renew(keys=keys, args=args))
+            except Exception as exc:
+                # Redis unreachable (or anything else): the lock must outlive it, so this
+                # task must too. Try again sooner than usual, before the lock expires.
                 log.warning("run %s: renewing the session lock failed (%s)", run.id, exc)
+                delay = min(interval, 0.1 if delay >= interval else delay * 2)
+                continue
+            delay = interval
+            if held == 2:
+                log.warning(
+                    "run %s: the session lock was gone (Redis restarted, or stalled past "
+                    "the lock TTL); took it back",
+                    run.id,
+                )
+                owned.recheck = True
+                run.wake_followers()
+            elif held == 0:
+                self._lose(run, "another run holds its session's lock")
+                return
+
+    def _lose(self, run: Run, why: str) -> None:
+        """Stop a run that lost its session: its readers get ``RUN_LOST``."""
+        if run.cancel(LOCK_LOST):
+            log.warning("run %s: stopped, %s", run.id, why)
 
     async def release(self, run: Run) -> None:
         """Free the session's lock if ``run`` holds it: a turn that claimed it but never started."""
@@ -267,6 +367,7 @@ class Cluster:
         owned = self._owned.pop(run.id, None)
         if owned is not None:
             owned.closing = True
+            owned.recheck = True  # a restart since the last renewal may have emptied the log
             mirror, keep_alive = owned.tasks
             keep_alive.cancel()
             run.wake_followers()  # the mirror writes what is left, then returns
@@ -276,18 +377,31 @@ class Cluster:
                 log.warning("run %s: Redis did not take the whole log in time", run.id)
         seq = run.last_seq + 1
         ttl = int(self.settings.run_ttl_s * 1000)
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xadd(
-                    self._log(run.id), {"t": frame_event(terminal), "f": terminal}, id=f"{seq}-0"
+
+        async def record_end() -> None:
+            # Safe to repeat: the entry's id is fixed, the rest are plain sets.
+            ends = int(
+                await self._append_log(
+                    keys=[self._log(run.id)],
+                    args=[seq, self.settings.run_log_max_events, frame_event(terminal), terminal],
                 )
-                pipe.hset(self._meta(run.id), mapping={"state": state.value, "last_seq": seq})
+            )
+            async with self.redis.pipeline(transaction=True) as pipe:
+                if ends == seq:
+                    pipe.hset(self._meta(run.id), mapping={"state": state.value, "last_seq": seq})
+                else:
+                    # The log has another ending (RUN_LOST), or a hole: the record follows it.
+                    log.warning("run %s: its log in Redis ends otherwise (at %d)", run.id, ends)
                 pipe.pexpire(self._log(run.id), ttl)
                 pipe.pexpire(self._meta(run.id), ttl)
                 await pipe.execute()
             await self._release(keys=[self._lock(run.store_key)], args=[run.id])
+
+        what = f"run {run.id}: recording its end"
+        try:
+            await outlast(record_end, within_s=self._outage_s, what=what)
         except (RedisError, OSError) as exc:
-            log.warning("run %s: could not record its end in Redis (%s)", run.id, exc)
+            log.warning("%s in Redis failed (%s)", what, exc)
 
     # -- everyone else's side -----------------------------------------------------------
 
@@ -296,17 +410,28 @@ class Cluster:
         try:
             holder = await self.redis.get(self._lock(store_key))
         except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis is unavailable: {exc}") from exc
+            raise unavailable(f"reading the lock of session {store_key!r}", exc) from exc
         return cast(bytes, holder).decode() if holder else None
 
     async def info(self, run_id: str) -> dict[str, str] | None:
-        """A run's shared metadata: session, key, owner_key, instance, state, last_seq."""
+        """A run's shared metadata: session, key, owner_key, instance, state, last_seq.
+
+        ``last_seq`` is where its log ends: the record says it only once the run is over.
+        """
         try:
-            meta = await self.redis.hgetall(self._meta(run_id))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(self._meta(run_id))
+                pipe.xrevrange(self._log(run_id), count=1)
+                meta, last = await pipe.execute()
         except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis is unavailable: {exc}") from exc
+            raise unavailable(f"reading run {run_id}", exc) from exc
         pairs = cast("dict[bytes, bytes]", meta)
-        return {k.decode(): v.decode() for k, v in pairs.items()} if pairs else None
+        if not pairs:
+            return None
+        info = {k.decode(): v.decode() for k, v in pairs.items()}
+        logged = int(last[0][0].split(b"-")[0]) if last else 0
+        info["last_seq"] = str(max(logged, int(info.get("last_seq", 0))))
+        return info
 
     async def replica(self, run_id: str, after_seq: int) -> Run | None:
         """A local copy of another instance's run, fed from Redis from ``after_seq`` on."""
@@ -331,6 +456,7 @@ class Cluster:
     async def _follow(self, run: Run, store_key: str) -> None:
         key = self._log(run.id)
         block_ms = max(100, min(1000, self.lock_ttl_ms // 4))
+        lock_gone_since: float | None = None
         while True:
             try:
                 replies = cast(
@@ -338,7 +464,7 @@ class Cluster:
                     await self.redis.xread({key: f"{run.last_seq}-0"}, count=500, block=block_ms),
                 )
                 if not replies:
-                    await self._check_owner(run, store_key)
+                    lock_gone_since = await self._check_owner(run, store_key, lock_gone_since)
                     continue
                 for _, entries in replies:
                     for _, fields in entries:
@@ -352,24 +478,36 @@ class Cluster:
                 log.warning("run %s: following it in Redis failed (%s)", run.id, exc)
                 await asyncio.sleep(0.5)
 
-    async def _check_owner(self, run: Run, store_key: str) -> None:
-        """When the owner's lock is gone and the log has no ending, the run is lost."""
+    async def _check_owner(
+        self, run: Run, store_key: str, gone_since: float | None
+    ) -> float | None:
+        """When the owner's lock is lost and the log has no ending, the run is lost.
+
+        A lock held by another run is lost. One that is just gone is lost once it stays gone
+        for a lock TTL: its owner takes it back after Redis restarted or stalled. Returns
+        since when the lock has been gone, for the next check.
+        """
         holder = await self.redis.get(self._lock(store_key))
         if holder is not None and cast(bytes, holder).decode() == run.id:
-            return
+            return None
+        if holder is None:
+            now = time.monotonic()
+            if gone_since is None or now - gone_since < self.settings.lock_ttl_s:
+                return now if gone_since is None else gone_since
         seq = await self._declare_lost(
             keys=[self._log(run.id), self._meta(run.id)],
             args=[run.id, run.last_seq, RUN_LOST_DATA, int(self.settings.run_ttl_s * 1000)],
         )
         if seq:
             log.warning("run %s was lost with its instance; told its readers", run.id)
+        return gone_since
 
     async def request_cancel(self, run_id: str) -> None:
         """Ask whichever instance runs ``run_id`` to stop it."""
         try:
             await self.redis.publish(f"{self.prefix}:cancel", run_id)
         except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis is unavailable: {exc}") from exc
+            raise unavailable(f"asking for run {run_id} to stop", exc) from exc
 
     async def ping(self) -> bool:
         try:

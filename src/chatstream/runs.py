@@ -460,19 +460,23 @@ class RunManager:
     ) -> None:
         run.stoppable = False
         terminal: Done | Error
-        try:
-            session = await self.store.append(run.store_key, turn.to_store())
-            run.stored = True
-        except Exception:
-            log.exception("run %s: storing the turn failed", run.id)
-            terminal = Error("INTERNAL_ERROR", "The turn could not be saved: the store failed.")
-            state = RunState.FAILED
+        if outcome is not None and outcome.code == "RUN_LOST":
+            # The session's lock went to a newer turn: storing this one would write over it.
+            terminal = outcome
         else:
-            if outcome is None:
-                terminal = Done(run.session_id, session.history_length, run.id, turn.usage)
-                state = RunState.DONE
+            try:
+                session = await self.store.append(run.store_key, turn.to_store())
+                run.stored = True
+            except Exception:
+                log.exception("run %s: storing the turn failed", run.id)
+                terminal = Error("INTERNAL_ERROR", "The turn could not be saved: the store failed.")
+                state = RunState.FAILED
             else:
-                terminal = outcome
+                if outcome is None:
+                    terminal = Done(run.session_id, session.history_length, run.id, turn.usage)
+                    state = RunState.DONE
+                else:
+                    terminal = outcome
         frame = run.encode_next(terminal)
         try:
             if self.cluster is not None:

@@ -1,12 +1,19 @@
-"""A real Redis for the tests: ``REDIS_URL`` when set, else a redis-server on a free port."""
+"""A real Redis for the tests: ``REDIS_URL`` when set, else a redis-server on a free port.
+
+A test that freezes, restarts or cuts off Redis takes a server of its own
+(``own_redis_server``), so the rest of the suite never sees the outage.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +40,21 @@ class RedisServer:
         """Start it again on the same port."""
         assert self.directory is not None
         self.process = _spawn(self.port, self.directory)
+
+    def restart(self) -> None:
+        """Stop it and start it again on the same port: every key is gone (no persistence)."""
+        self.stop()
+        self.start()
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): commands wait unanswered while its keys' TTLs run out."""
+        assert self.process is not None, "cannot pause a Redis the tests did not start"
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused server go on (SIGCONT)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def flush(self) -> None:
         client = redis.Redis.from_url(self.url)
@@ -76,6 +98,14 @@ def redis_server(directory: Path) -> Iterator[RedisServer]:
     if url:
         yield RedisServer(url=url, port=0, process=None)
         return
+    with own_redis_server(directory) as server:
+        yield server
+
+
+@contextmanager
+def own_redis_server(directory: Path) -> Iterator[RedisServer]:
+    """A redis-server of the caller's own on a free port, whatever ``REDIS_URL`` says."""
+    directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     server = RedisServer(
         url=f"redis://127.0.0.1:{port}/0", port=port, process=_spawn(port, directory),
@@ -85,5 +115,73 @@ def redis_server(directory: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         if server.process is not None and server.process.poll() is None:
+            server.process.send_signal(signal.SIGCONT)  # a paused server cannot stop
             server.process.terminate()
             server.process.wait(10)
+
+
+class RedisLink:
+    """A loopback relay to Redis for one server instance, so that it alone can be cut off.
+
+    ``sever()`` drops its connections and refuses new ones until ``restore()``, the way a
+    network partition between one instance and Redis looks to that instance.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.target_port = port
+        self.port = 0
+        self.severed = False
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._relays: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def sever(self) -> None:
+        self.severed = True
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    def restore(self) -> None:
+        self.severed = False
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.transport.abort()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.severed:
+            writer.transport.abort()
+            return
+        relay = asyncio.current_task()
+        assert relay is not None
+        self._relays.add(relay)
+        relay.add_done_callback(self._relays.discard)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers.update((writer, up_writer))
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        finally:
+            self._writers.discard(writer)
+            self._writers.discard(up_writer)
+
+
+@contextlib.asynccontextmanager
+async def redis_link(port: int) -> AsyncIterator[RedisLink]:
+    """A ``RedisLink`` to the Redis on ``port``, served on the running loop."""
+    link = RedisLink(port)
+    server = await asyncio.start_server(link._handle, "127.0.0.1", 0)
+    link.port = server.sockets[0].getsockname()[1]
+    try:
+        yield link
+    finally:
+        link.sever()
+        server.close()
+        await server.wait_closed()
+        # Let the relays see their connections drop, so none is left for the loop to cancel.
+        await asyncio.gather(*link._relays, return_exceptions=True)

@@ -5,25 +5,96 @@ Keys (``<prefix>`` defaults to ``chatstream``):
 * ``<prefix>:session:<id>``        hash: created_at, last_activity, title
 * ``<prefix>:session:<id>:log``    list of messages as JSON, in order
 * ``<prefix>:sessions``            sorted set of session ids by last activity
+* ``<prefix>:write:<token>``        marks one ``append`` as done, for a minute
 
-A turn is written in one ``MULTI`` transaction, so a reader on another instance
-sees all of it or none of it.
+A turn is written by one script, so a reader on another instance sees all of it
+or none of it. Writing a turn outlasts a short outage (a restart, a failover, a
+stall): it is tried again with backoff for ``outage_s``, and the marker makes a
+repeated attempt harmless when an earlier one was applied before its answer was
+lost. Reads fail at once: their caller is a request that can be retried.
+
+What went wrong (Redis's host and port, the driver's words) is logged; a
+``StoreError`` says only ``UNAVAILABLE``, since its message reaches clients.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chatstream.errors import StoreError
 from chatstream.messages import Message
 from chatstream.store.base import Session, SessionSummary, scoped, unscoped
+
+log = logging.getLogger("chatstream.store")
+T = TypeVar("T")
+
+UNAVAILABLE = "The session store is unavailable."
+
+# Redis could not be reached or did not answer in time, as opposed to refusing a command:
+# only these are worth trying again.
+OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+# One reconnection inside the driver, at once: what a pooled connection that a restart of
+# Redis left dead needs. Waiting out a longer outage is ``outlast``'s job, for writes only.
+RECONNECT_ONCE = Retry(NoBackoff(), 1)
+
+
+def unavailable(what: str, exc: BaseException) -> StoreError:
+    """Log what failed, with Redis's own words, and return the error a client may read."""
+    log.warning("%s: %s", what, exc)
+    return StoreError(UNAVAILABLE)
+
+
+async def outlast(call: Callable[[], Awaitable[T]], *, within_s: float, what: str) -> T:
+    """``await call()``, tried again with backoff while Redis is unreachable, for ``within_s``.
+
+    Only for calls that are safe to repeat: an attempt whose answer was lost may have been
+    applied.
+    """
+    deadline = time.monotonic() + within_s
+    delay = 0.05
+    warned = False
+    while True:
+        try:
+            return await call()
+        except OUTAGE_ERRORS as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            if not warned:
+                warned = True
+                log.warning(
+                    "%s: Redis is unreachable (%s); trying again for %.1f s", what, exc, left
+                )
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 1.0)
+
+
+# KEYS[1] the session, KEYS[2] its messages, KEYS[3] its owner's index, KEYS[4] this write's
+# marker; ARGV[1] now, ARGV[2] the title, ARGV[3] the public id, ARGV[4...] the messages.
+_APPEND = """
+if not redis.call('SET', KEYS[4], '1', 'NX', 'PX', 60000) then return 0 end
+redis.call('HSETNX', KEYS[1], 'created_at', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'title', ARGV[2])
+redis.call('HSET', KEYS[1], 'last_activity', ARGV[1])
+for i = 4, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+redis.call('ZADD', KEYS[3], ARGV[1], ARGV[3])
+return 1
+"""
 
 
 class RedisStore:
@@ -31,21 +102,28 @@ class RedisStore:
 
     name = "redis"
 
-    def __init__(self, redis: Redis, *, prefix: str = "chatstream") -> None:
+    def __init__(self, redis: Redis, *, prefix: str = "chatstream", outage_s: float = 10.0) -> None:
         self.redis = redis
         self.prefix = prefix
+        self.outage_s = outage_s
+        self._append = redis.register_script(_APPEND)
 
     @classmethod
-    async def open(cls, url: str, *, prefix: str = "chatstream") -> RedisStore:
-        """Connect lazily: the server starts even while Redis is down, and reports it."""
+    async def open(
+        cls, url: str, *, prefix: str = "chatstream", outage_s: float = 10.0
+    ) -> RedisStore:
+        """Connect lazily: the server starts even while Redis is down, and reports it.
+
+        A turn's write waits up to ``outage_s`` for Redis to come back.
+        """
         redis = Redis.from_url(
             url,
             socket_connect_timeout=2,
             socket_timeout=5,
             health_check_interval=10,
-            retry_on_timeout=False,
+            retry=RECONNECT_ONCE,
         )
-        return cls(redis, prefix=prefix)
+        return cls(redis, prefix=prefix, outage_s=outage_s)
 
     def _session(self, session_id: str) -> str:
         return f"{self.prefix}:session:{session_id}"
@@ -56,14 +134,24 @@ class RedisStore:
 
     async def load(self, session_id: str) -> Session | None:
         """The session with its messages in order, or None."""
-        key = self._session(session_id)
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hgetall(key)
-                pipe.lrange(f"{key}:log", 0, -1)
-                meta, bodies = await pipe.execute()
-        except RedisError as exc:
-            raise StoreError(f"Redis could not read session {session_id!r}: {exc}") from exc
+            meta, bodies = await self._read(session_id)
+        except (RedisError, OSError) as exc:
+            raise unavailable(f"reading session {session_id!r}", exc) from exc
+        return self._session_of(session_id, meta, bodies)
+
+    async def _read(self, session_id: str) -> tuple[dict[bytes, bytes], list[bytes]]:
+        key = self._session(session_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(key)
+            pipe.lrange(f"{key}:log", 0, -1)
+            meta, bodies = await pipe.execute()
+        return meta, bodies
+
+    @staticmethod
+    def _session_of(
+        session_id: str, meta: dict[bytes, bytes], bodies: list[bytes]
+    ) -> Session | None:
         if not meta:
             return None
         return Session(
@@ -82,21 +170,28 @@ class RedisStore:
             orjson.dumps((m if m.created_at is not None else replace(m, created_at=now)).to_dict())
             for m in messages
         ]
+        owner, public_id = unscoped(session_id)
+        keys = [
+            key,
+            f"{key}:log",
+            self._index(owner),
+            f"{self.prefix}:write:{secrets.token_hex(8)}",
+        ]
+        args: list[Any] = [repr(now), title, public_id, *bodies]
+        what = f"writing session {session_id!r}"
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hsetnx(key, "created_at", now)
-                pipe.hsetnx(key, "title", title)
-                pipe.hset(key, "last_activity", now)
-                if bodies:
-                    pipe.rpush(f"{key}:log", *bodies)
-                owner, public_id = unscoped(session_id)
-                pipe.zadd(self._index(owner), {public_id: now})
-                await pipe.execute()
-        except RedisError as exc:
-            raise StoreError(f"Redis could not write session {session_id!r}: {exc}") from exc
-        session = await self.load(session_id)
+            await outlast(
+                lambda: self._append(keys=keys, args=args), within_s=self.outage_s, what=what
+            )
+            meta, stored = await outlast(
+                lambda: self._read(session_id), within_s=self.outage_s, what=what
+            )
+        except (RedisError, OSError) as exc:
+            raise unavailable(what, exc) from exc
+        session = self._session_of(session_id, meta, stored)
         if session is None:
-            raise StoreError(f"session {session_id!r} vanished while it was written")
+            # Deleted between the write and the read back.
+            raise unavailable(what, RuntimeError("the session vanished while it was written"))
         return session
 
     async def delete(self, session_id: str) -> bool:
@@ -108,8 +203,8 @@ class RedisStore:
                 owner, public_id = unscoped(session_id)
                 pipe.zrem(self._index(owner), public_id)
                 deleted, _ = await pipe.execute()
-        except RedisError as exc:
-            raise StoreError(f"Redis could not delete session {session_id!r}: {exc}") from exc
+        except (RedisError, OSError) as exc:
+            raise unavailable(f"deleting session {session_id!r}", exc) from exc
         return int(deleted) > 0
 
     async def list(self, *, limit: int = 50, owner: str = "") -> list[SessionSummary]:
@@ -122,8 +217,8 @@ class RedisStore:
                     pipe.hgetall(key)
                     pipe.llen(f"{key}:log")
                 replies: list[Any] = await pipe.execute()
-        except RedisError as exc:
-            raise StoreError(f"Redis could not list sessions: {exc}") from exc
+        except (RedisError, OSError) as exc:
+            raise unavailable("listing sessions", exc) from exc
         summaries = []
         for raw, meta, count in zip(ids, replies[::2], replies[1::2], strict=True):
             if meta:
