@@ -41,9 +41,9 @@ from chatstream.events import (
     Event,
     Frame,
     FrameDecoder,
-    Token,
     ToolCall,
     ToolResult,
+    Transcript,
     parse_event,
 )
 
@@ -113,32 +113,24 @@ class ChatResult:
 
 
 class _Collector:
-    """Folds a stream's events into a ChatResult, the way ``POST /api/chat`` does."""
+    """Folds a stream's events into a ChatResult, as ``POST /api/chat`` does (``Transcript``)."""
 
     def __init__(self) -> None:
-        self.answer: list[str] = []
-        self.calls: list[ToolCall] = []
-        self.results: list[ToolResult] = []
+        self.transcript = Transcript()
 
     def add(self, event: Event, run_id: str | None) -> ChatResult | None:
-        if isinstance(event, Token):
-            self.answer.append(event.content)
-        elif isinstance(event, ToolCall):
-            self.calls.append(event)
-            self.answer.clear()  # text written before a tool call is not the answer
-        elif isinstance(event, ToolResult):
-            self.results.append(event)
-        elif isinstance(event, Error):
-            raise RunFailed(event.code, event.message, text="".join(self.answer), run_id=run_id)
-        elif isinstance(event, Done):
+        end = self.transcript.add(event)
+        if isinstance(end, Error):
+            raise RunFailed(end.code, end.message, text=self.transcript.text, run_id=run_id)
+        if isinstance(end, Done):
             return ChatResult(
-                text="".join(self.answer),
-                session_id=event.session_id,
-                run_id=event.run_id,
-                history_length=event.history_length,
-                usage=event.usage,
-                tool_calls=tuple(self.calls),
-                tool_results=tuple(self.results),
+                text=self.transcript.text,
+                session_id=end.session_id,
+                run_id=end.run_id,
+                history_length=end.history_length,
+                usage=end.usage,
+                tool_calls=tuple(self.transcript.calls),
+                tool_results=tuple(self.transcript.results),
             )
         return None
 

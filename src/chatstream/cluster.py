@@ -47,6 +47,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from chatstream.config import Settings
+from chatstream.errors import ErrorCode
 from chatstream.runs import TERMINAL_FRAMES, Run, RunState, StopReason, frame_event
 from chatstream.store.redis import RECONNECT_ONCE, outlast, unavailable
 
@@ -147,12 +148,15 @@ return have
 )
 
 RUN_LOST_DATA = orjson.dumps(
-    {"code": "RUN_LOST", "message": "The server running this turn stopped before it finished."}
+    {
+        "code": ErrorCode.RUN_LOST,
+        "message": "The server running this turn stopped before it finished.",
+    }
 ).decode()
 
 # The owner's side of a lost lock: another turn took the session while Redis was out of reach.
 LOCK_LOST = StopReason(
-    "RUN_LOST",
+    ErrorCode.RUN_LOST,
     "This server could not reach the session store for longer than a turn holds its session, "
     "and the turn was given up for lost; it was stopped.",
 )

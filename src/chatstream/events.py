@@ -113,6 +113,38 @@ class Error:
 Event = Token | ToolCall | ToolProgress | ToolResult | Done | Error
 
 
+class Transcript:
+    """A turn's events folded into what a caller that does not stream gets.
+
+    The answer is the text after the last tool call (text the model wrote before a call
+    is a step, not the answer). ``POST /api/chat`` and the Python client fold the same way.
+    """
+
+    __slots__ = ("answer", "calls", "results")
+
+    def __init__(self) -> None:
+        self.answer: list[str] = []
+        self.calls: list[ToolCall] = []
+        self.results: list[ToolResult] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self.answer)
+
+    def add(self, event: Event) -> Done | Error | None:
+        """Take the next event; the terminal one (``done`` or ``error``) is returned."""
+        if isinstance(event, Token):
+            self.answer.append(event.content)
+        elif isinstance(event, ToolCall):
+            self.calls.append(event)
+            self.answer.clear()
+        elif isinstance(event, ToolResult):
+            self.results.append(event)
+        elif isinstance(event, Done | Error):
+            return event
+        return None
+
+
 def dumps(value: Any) -> bytes:
     """Compact JSON as UTF-8 bytes, non-ASCII kept raw.
 

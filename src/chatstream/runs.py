@@ -31,7 +31,15 @@ from typing import TYPE_CHECKING, TypeVar
 from chatstream import messages as m
 from chatstream.agent import Agent, Turn
 from chatstream.config import Settings
-from chatstream.errors import ChatstreamError, ModelError, RequestError
+from chatstream.errors import (
+    ChatstreamError,
+    ErrorCode,
+    ModelError,
+    Refused,
+    SessionBusy,
+    ShuttingDown,
+    StoreError,
+)
 from chatstream.events import Done, Error, Event, Token, ToolResult, encode, encode_token
 from chatstream.metrics import Metrics
 from chatstream.store.base import SessionStore, scoped
@@ -58,10 +66,10 @@ class StopReason:
     message: str
 
 
-STOPPED = StopReason("CANCELLED", "The run was stopped.")
-ABANDONED = StopReason("CANCELLED", "Nobody was listening, so the run was stopped.")
+STOPPED = StopReason(ErrorCode.CANCELLED, "The run was stopped.")
+ABANDONED = StopReason(ErrorCode.CANCELLED, "Nobody was listening, so the run was stopped.")
 SHUTTING_DOWN = StopReason(
-    "SHUTTING_DOWN", "The server is restarting; the partial answer was saved. Try again."
+    ErrorCode.SHUTTING_DOWN, "The server is restarting; the partial answer was saved. Try again."
 )
 
 
@@ -234,15 +242,10 @@ class Run:
             self._grace_timer = None
 
 
-def _store_unavailable(exc: ChatstreamError) -> RequestError:
+def _store_unavailable(exc: ChatstreamError) -> StoreError:
     # What failed (a host, a port, a driver's words) is for the log, not for the client.
     log.warning("session store unavailable: %s", exc.message)
-    return RequestError(
-        503,
-        "STORE_UNAVAILABLE",
-        "The session store is unavailable; try again shortly.",
-        headers={"Retry-After": "5"},
-    )
+    return StoreError("The session store is unavailable; try again shortly.")
 
 
 def frame_event(frame: bytes) -> bytes:
@@ -343,19 +346,12 @@ class RunManager:
     ) -> Run:
         """Start a turn in a session; refuse when that session already has one running."""
         if not self.accepting:
-            raise RequestError(
-                503,
-                "SHUTTING_DOWN",
-                "The server is shutting down and takes no new turns.",
-                headers={"Retry-After": "5"},
-            )
+            raise ShuttingDown("The server is shutting down and takes no new turns.")
         key = scoped(owner, session_id)
         if key in self._active:
-            raise RequestError(
-                409,
-                "SESSION_BUSY",
+            raise SessionBusy(
                 f"Session {session_id!r} already has a turn running "
-                f"(run {self._active[key].id}); wait for it, resume it or cancel it.",
+                f"(run {self._active[key].id}); wait for it, resume it or cancel it."
             )
         run = Run(
             new_run_id(),
@@ -372,11 +368,9 @@ class RunManager:
             if self.cluster is not None:
                 holder = await self.cluster.claim(run)
                 if holder is not None:
-                    raise RequestError(
-                        409,
-                        "SESSION_BUSY",
+                    raise SessionBusy(
                         f"Session {session_id!r} already has a turn running (run {holder}); "
-                        "wait for it, resume it or cancel it.",
+                        "wait for it, resume it or cancel it."
                     )
                 claimed = True
             session = await self.store.load(key)
@@ -385,7 +379,7 @@ class RunManager:
             self._runs.pop(run.id, None)
             if claimed and self.cluster is not None:
                 await self.cluster.release(run)
-            if isinstance(exc, ChatstreamError) and not isinstance(exc, RequestError):
+            if isinstance(exc, ChatstreamError) and not isinstance(exc, Refused):
                 raise _store_unavailable(exc) from exc
             raise
         history = session.messages[-self.settings.max_history_messages :] if session else ()
@@ -426,14 +420,14 @@ class RunManager:
                         metrics.tool_calls.labels(event.tool, outcome_label).inc()
                     if run.full:
                         outcome = Error(
-                            "OUTPUT_LIMIT",
+                            ErrorCode.OUTPUT_LIMIT,
                             f"The answer reached the limit of {self.settings.run_log_max_events} "
                             "events and was cut.",
                         )
                         break
         except TimeoutError:
             outcome = Error(
-                "TIMEOUT", f"The turn took longer than {self.settings.turn_timeout_s:g} s."
+                ErrorCode.TIMEOUT, f"The turn took longer than {self.settings.turn_timeout_s:g} s."
             )
         except asyncio.CancelledError:
             current = asyncio.current_task()
@@ -446,13 +440,15 @@ class RunManager:
             outcome = Error(exc.code, exc.message)
         except Exception:
             log.exception("run %s failed", run.id)
-            outcome = Error("INTERNAL_ERROR", "The turn failed because of an internal error.")
+            outcome = Error(
+                ErrorCode.INTERNAL_ERROR, "The turn failed because of an internal error."
+            )
         await self._store_and_finish(run, turn, outcome, state)
         metrics.tokens_out.inc(tokens)
         metrics.turn_duration.observe(time.perf_counter() - started)
         ending = "done" if run.state is RunState.DONE else (outcome.code if outcome else "failed")
         metrics.runs.labels(ending.lower()).inc()
-        if outcome is not None and outcome.code == "MODEL_ERROR":
+        if outcome is not None and outcome.code == ErrorCode.MODEL_ERROR:
             metrics.model_errors.inc()
 
     async def _store_and_finish(
@@ -460,7 +456,7 @@ class RunManager:
     ) -> None:
         run.stoppable = False
         terminal: Done | Error
-        if outcome is not None and outcome.code == "RUN_LOST":
+        if outcome is not None and outcome.code == ErrorCode.RUN_LOST:
             # The session's lock went to a newer turn: storing this one would write over it.
             terminal = outcome
         else:
@@ -469,7 +465,9 @@ class RunManager:
                 run.stored = True
             except Exception:
                 log.exception("run %s: storing the turn failed", run.id)
-                terminal = Error("INTERNAL_ERROR", "The turn could not be saved: the store failed.")
+                terminal = Error(
+                    ErrorCode.INTERNAL_ERROR, "The turn could not be saved: the store failed."
+                )
                 state = RunState.FAILED
             else:
                 if outcome is None:

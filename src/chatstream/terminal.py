@@ -28,6 +28,7 @@ from rich.spinner import Spinner
 from rich.text import Text
 
 from chatstream.client import ChatStream, Client, ClientError, ClientException, ConnectionFailed
+from chatstream.errors import ErrorCode
 from chatstream.events import Done, Error, Event, Token, ToolCall, ToolProgress, ToolResult
 
 COMMANDS = "/new, /history, /exit"
@@ -330,7 +331,7 @@ class Chat:
         try:
             session = self.client.session(self.session_id)
         except ClientError as exc:
-            if exc.code == "SESSION_NOT_FOUND":
+            if exc.code == ErrorCode.SESSION_NOT_FOUND:
                 self.renderer.notice("(no messages yet)")
             else:
                 self.renderer.notice(f"✗ {exc.code}: {exc.message}", error=True)

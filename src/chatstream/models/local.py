@@ -50,7 +50,7 @@ import numpy.typing as npt
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import LlamaGrammar
 
-from chatstream.errors import ModelError
+from chatstream.errors import ErrorCode, ModelError
 from chatstream.messages import Message, ToolCallRequest, model_text
 from chatstream.models import grammar
 from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
@@ -105,7 +105,7 @@ _TOOLS_SECTION = (
 class ModelBusyError(ModelError):
     """Too many requests are already waiting for the local model."""
 
-    code = "MODEL_BUSY"
+    code = ErrorCode.MODEL_BUSY
 
 
 Job = Callable[[threading.Event], Iterator[ModelEvent]]

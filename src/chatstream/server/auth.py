@@ -20,7 +20,7 @@ from pathlib import Path
 
 from starlette.requests import Request
 
-from chatstream.errors import RequestError
+from chatstream.errors import Unauthorized
 
 QUERY_PARAMETER = "access_token"
 
@@ -75,12 +75,9 @@ class KeyRing:
         key = key or request.query_params.get(QUERY_PARAMETER, "")
         identity = self.identify(key) if key else None
         if identity is None:
-            raise RequestError(
-                401,
-                "UNAUTHORIZED",
+            raise Unauthorized(
                 "A valid API key is required: send `Authorization: Bearer <key>`."
                 if not key
-                else "The API key is not valid.",
-                headers={"WWW-Authenticate": 'Bearer realm="chatstream"'},
+                else "The API key is not valid."
             )
         return identity

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chatstream.errors import RequestError
+from chatstream.errors import ErrorCode, RateLimited, ServerBusy
 from chatstream.server.errors import error_response
 
 
@@ -41,11 +41,9 @@ class TurnRate:
             starts.popleft()
         if len(starts) >= self.per_minute:
             wait = math.ceil(60 - (now - starts[0]))
-            raise RequestError(
-                429,
-                "RATE_LIMITED",
+            raise RateLimited(
                 f"At most {self.per_minute} turns a minute; try again in {wait} s.",
-                headers={"Retry-After": str(max(wait, 1))},
+                retry_after_s=wait,
             )
         starts.append(now)
 
@@ -73,18 +71,14 @@ class StreamSlots:
     def acquire(self, caller: str) -> Callable[[], None]:
         """Take a slot for one stream; the returned function gives it back (once)."""
         if self.total and self._count >= self.total:
-            raise RequestError(
-                503,
-                "SERVER_BUSY",
-                f"The server has {self._count} streams open, its limit; try again shortly.",
-                headers={"Retry-After": "5"},
+            raise ServerBusy(
+                f"The server has {self._count} streams open, its limit; try again shortly."
             )
         if self.per_caller and self._open[caller] >= self.per_caller:
-            raise RequestError(
-                429,
-                "TOO_MANY_STREAMS",
+            raise RateLimited(
                 f"At most {self.per_caller} streams may be open at once per caller.",
-                headers={"Retry-After": "1"},
+                code=ErrorCode.TOO_MANY_STREAMS,
+                retry_after_s=1,
             )
         self._open[caller] += 1
         self._count += 1
@@ -141,7 +135,7 @@ class BodyLimit:
                     more = message.get("more_body", False)
         except TimeoutError:
             response = error_response(
-                408, "REQUEST_TIMEOUT", f"The request body took over {self.timeout_s:g} s."
+                408, ErrorCode.REQUEST_TIMEOUT, f"The request body took over {self.timeout_s:g} s."
             )
             await response(scope, receive, send)
             return
@@ -159,6 +153,6 @@ class BodyLimit:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(
-            413, "REQUEST_TOO_LARGE", f"The request body is over {self.limit} bytes."
+            413, ErrorCode.REQUEST_TOO_LARGE, f"The request body is over {self.limit} bytes."
         )
         await response(scope, receive, send)

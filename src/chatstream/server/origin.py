@@ -34,6 +34,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatstream.config import Settings
+from chatstream.errors import ErrorCode
 from chatstream.server.errors import error_response
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
@@ -86,7 +87,7 @@ class OriginGuard:
         if host is not None and self.check_host and not self._host_allowed(host):
             response = error_response(
                 400,
-                "INVALID_HOST",
+                ErrorCode.INVALID_HOST,
                 "This server, bound to loopback, answers to localhost, 127.0.0.1, [::1] and "
                 "the host names in CHATSTREAM_ALLOWED_HOSTS only.",
             )
@@ -96,7 +97,7 @@ class OriginGuard:
         if guarded and self._cross_site(scope, headers, host):
             response = error_response(
                 403,
-                "FORBIDDEN_ORIGIN",
+                ErrorCode.FORBIDDEN_ORIGIN,
                 "A page on another site may not start turns or change anything here; "
                 "list its origin in CHATSTREAM_CORS_ORIGINS to allow it.",
             )
@@ -135,10 +136,10 @@ class CorsPolicy(CORSMiddleware):
             return response
         reasons = bytes(response.body).decode()  # "Disallowed CORS origin, method"
         if self.is_allowed_origin(request_headers["origin"]):
-            refusal = error_response(400, "INVALID_REQUEST", f"{reasons} for this server.")
+            refusal = error_response(400, ErrorCode.INVALID_REQUEST, f"{reasons} for this server.")
         else:
             refusal = error_response(
-                403, "FORBIDDEN_ORIGIN", f"{reasons}: list it in CHATSTREAM_CORS_ORIGINS."
+                403, ErrorCode.FORBIDDEN_ORIGIN, f"{reasons}: list it in CHATSTREAM_CORS_ORIGINS."
             )
         for name, value in response.headers.items():
             if name.startswith("access-control-") or name == "vary":

@@ -44,6 +44,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from chatstream.config import Settings
+from chatstream.errors import ErrorCode
 from chatstream.server.httpcycle import CloseAwareCycle, needs_close_aware_cycle
 
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
@@ -125,7 +126,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 return
             # A callback's own failure (parse_url's, say) says more than the parser's.
             reason = cause if isinstance(cause, httptools.HttpParserError) else exc
-            self._refuse(400, "INVALID_REQUEST", f"Invalid HTTP request: {reason}.")
+            self._refuse(400, ErrorCode.INVALID_REQUEST, f"Invalid HTTP request: {reason}.")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(self.headers) >= self.max_headers:
@@ -172,7 +173,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _refuse_too_large(self, message: str) -> None:
-        self._refuse(431, "HEADERS_TOO_LARGE", message)
+        self._refuse(431, ErrorCode.HEADERS_TOO_LARGE, message)
 
     def _refuse(self, status: int, code: str, message: str) -> None:
         """Stop reading, and answer once the responses before this request are sent."""

@@ -15,12 +15,21 @@ from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from chatstream import __version__
-from chatstream.errors import RequestError
-from chatstream.events import Done, Error, FrameDecoder, Token, ToolCall, ToolResult, parse_event
+from chatstream.errors import (
+    ClientGone,
+    ErrorCode,
+    InvalidRequest,
+    MessageTooLong,
+    NotFound,
+    Refused,
+    SessionBusy,
+)
+from chatstream.events import Done, Error, FrameDecoder, Transcript, parse_event
 from chatstream.messages import Message
 from chatstream.metrics import CONTENT_TYPE
 from chatstream.runs import Run, RunStatus, new_session_id
 from chatstream.server.app_state import runtime_of
+from chatstream.server.errors import TURN_FAILURE_STATUS, error_response
 from chatstream.server.schemas import (
     ChatRequest,
     ChatResponse,
@@ -186,7 +195,7 @@ async def _start_turn(
     refund = runtime.turn_rate.check(identity)
     try:
         release = runtime.slots.acquire(identity)
-    except RequestError:
+    except Refused:
         refund()
         raise
     try:
@@ -226,19 +235,15 @@ def _identity(request: Request, caller: str) -> str:
 
 def _validate_turn(message: str | None, session_id: str | None, max_chars: int) -> tuple[str, str]:
     if message is None or not message.strip():
-        raise RequestError(400, "MISSING_MESSAGE", "`message` is required and cannot be blank.")
-    if len(message) > max_chars:
-        raise RequestError(
-            413,
-            "MESSAGE_TOO_LONG",
-            f"`message` has {len(message)} characters; the limit is {max_chars}.",
+        raise InvalidRequest(
+            "`message` is required and cannot be blank.", code=ErrorCode.MISSING_MESSAGE
         )
+    if len(message) > max_chars:
+        raise MessageTooLong(f"`message` has {len(message)} characters; the limit is {max_chars}.")
     if session_id is None:
         session_id = new_session_id()
     elif not SESSION_ID.fullmatch(session_id):
-        raise RequestError(
-            400, "INVALID_REQUEST", "`sessionId` must be 1-128 characters of [A-Za-z0-9._:-]."
-        )
+        raise InvalidRequest("`sessionId` must be 1-128 characters of [A-Za-z0-9._:-].")
     return message, session_id
 
 
@@ -246,10 +251,8 @@ async def _resumable(request: Request, caller: str, last_event_id: str) -> tuple
     """The run to resume and the seq to resume after; None when nothing is left to send."""
     match = EVENT_ID.fullmatch(last_event_id.strip())
     if match is None:
-        raise RequestError(
-            400,
-            "INVALID_REQUEST",
-            "`Last-Event-ID` must look like <runId>:<seq> (a seq of at most 18 digits), as sent.",
+        raise InvalidRequest(
+            "`Last-Event-ID` must look like <runId>:<seq> (a seq of at most 18 digits), as sent."
         )
     seq = int(match.group(2))
     run = await runtime_of(request).runs.find(match.group(1), seq, owner=caller)
@@ -286,7 +289,7 @@ async def get_run(request: Request, caller: Caller, run_id: str) -> RunOut:
 def _run_out(run_id: str, status: RunStatus | None) -> RunOut:
     """The run's state; 404 when it is unknown, expired, or another caller's."""
     if status is None:
-        raise RequestError(404, "RUN_NOT_FOUND", f"No run {run_id!r} is known (or it expired).")
+        raise NotFound(f"No run {run_id!r} is known (or it expired).", code=ErrorCode.RUN_NOT_FOUND)
     return RunOut(
         runId=status.run_id,
         sessionId=status.session_id,
@@ -306,7 +309,7 @@ def _run_out(run_id: str, status: RunStatus | None) -> RunOut:
     summary="Run a turn and answer when it is over (no streaming)",
     tags=["chat"],
 )
-async def chat(request: Request, caller: Caller, body: ChatRequest) -> ChatResponse:
+async def chat(request: Request, caller: Caller, body: ChatRequest) -> ChatResponse | Response:
     runtime = runtime_of(request)
     text, session_id = _validate_turn(
         body.message, body.sessionId, runtime.settings.max_message_chars
@@ -318,38 +321,38 @@ async def chat(request: Request, caller: Caller, body: ChatRequest) -> ChatRespo
     try:
         if not await _finished_unless_gone(request, run):
             # Nobody reads this answer; the request log shows it as the client's hang-up.
-            raise RequestError(499, "CLIENT_GONE", "The client went away before the answer.")
+            raise ClientGone("The client went away before the answer.")
         frames = FrameDecoder().feed(b"".join(run.read(subscriber)))
     finally:
         run.unsubscribe(subscriber)
         release()
-    answer: list[str] = []
-    calls: dict[str, ToolCallOut] = {}
+    transcript = Transcript()
+    end = None
     for frame in frames:
-        event = parse_event(frame)
-        if isinstance(event, Token):
-            answer.append(event.content)
-        elif isinstance(event, ToolCall):
-            calls[event.id] = ToolCallOut(id=event.id, tool=event.tool, args=event.args)
-            answer.clear()  # text before a tool call is not the answer
-        elif isinstance(event, ToolResult):
-            calls[event.id].result = event.result
-            calls[event.id].isError = event.is_error
-        elif isinstance(event, Error):
-            status = 502 if event.code in ("MODEL_ERROR", "TIMEOUT") else 500
-            if event.code in ("CANCELLED", "SHUTTING_DOWN"):
-                status = 409 if event.code == "CANCELLED" else 503
-            raise RequestError(status, event.code, event.message)
-        elif isinstance(event, Done):
-            return ChatResponse(
-                sessionId=event.session_id,
-                runId=event.run_id,
-                message="".join(answer),
-                toolCalls=list(calls.values()),
-                historyLength=event.history_length,
-                usage=event.usage,
+        end = transcript.add(parse_event(frame)) or end
+    if isinstance(end, Done):
+        results = {r.id: r for r in transcript.results}
+        calls = [
+            ToolCallOut(
+                id=call.id,
+                tool=call.tool,
+                args=call.args,
+                result=results[call.id].result if call.id in results else None,
+                isError=results[call.id].is_error if call.id in results else False,
             )
-    raise RequestError(500, "INTERNAL_ERROR", "The turn ended without an outcome.")
+            for call in transcript.calls
+        ]
+        return ChatResponse(
+            sessionId=end.session_id,
+            runId=end.run_id,
+            message=transcript.text,
+            toolCalls=calls,
+            historyLength=end.history_length,
+            usage=end.usage,
+        )
+    if end is None:
+        end = Error(ErrorCode.INTERNAL_ERROR, "The turn ended without an outcome.")
+    return error_response(TURN_FAILURE_STATUS.get(end.code, 500), end.code, end.message)
 
 
 # -- sessions ----------------------------------------------------------------------
@@ -404,7 +407,7 @@ async def get_session(request: Request, caller: Caller, session_id: str) -> Sess
     active = await runtime.runs.active_run_id(key)
     if session is None:
         if active is None:
-            raise RequestError(404, "SESSION_NOT_FOUND", f"No session {session_id!r}.")
+            raise NotFound(f"No session {session_id!r}.")
         # The first turn is still running: the session exists but holds nothing yet.
         now = _iso(time.time())
         return SessionOut(
@@ -442,11 +445,9 @@ async def delete_session(request: Request, caller: Caller, session_id: str) -> D
     key = scoped(caller, session_id)
     active = await runtime.runs.active_run_id(key)
     if active is not None:
-        raise RequestError(
-            409, "SESSION_BUSY", f"Session {session_id!r} has a turn running (run {active})."
-        )
+        raise SessionBusy(f"Session {session_id!r} has a turn running (run {active}).")
     if not await runtime.store.delete(key):
-        raise RequestError(404, "SESSION_NOT_FOUND", f"No session {session_id!r}.")
+        raise NotFound(f"No session {session_id!r}.")
     return DeletedOut(sessionId=session_id, deleted=True)
 
 
