@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from chatstream.agent import Agent
 from chatstream.cluster import Cluster
 from chatstream.config import Settings
-from chatstream.errors import RequestError, StoreError
+from chatstream.errors import StoreError
 from chatstream.events import Done, Token
 from chatstream.models import resolve
 from chatstream.runs import Run, RunManager, RunState
@@ -92,7 +92,7 @@ async def test_a_turn_that_fails_to_start_frees_its_session_at_once(
         cluster=cluster,
     )
     try:
-        with pytest.raises(RequestError) as refused:
+        with pytest.raises(StoreError) as refused:
             await runs.start("s-free", "hello")
         assert refused.value.code == "STORE_UNAVAILABLE"
         assert await redis.get("chatstream:lock:s-free") is None
