@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import aclosing
 from typing import Any
 
+import httpx
 import pytest
 
+from chatstream.config import Settings
 from chatstream.errors import ModelError
 from chatstream.messages import (
     INTERRUPTED_NOTE,
@@ -18,11 +20,14 @@ from chatstream.messages import (
     tool_result,
     user,
 )
-from chatstream.models.anthropic import AnthropicModel, anthropic_messages
+from chatstream.models.anthropic import AnthropicModel, MessagesReader, anthropic_messages
 from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
 from tests.fakes.anthropic_upstream import FakeAnthropic, HTTPError, Raw, ToolUse
 from tests.fakes.anthropic_upstream import Message as Reply
 from tests.fakes.openai_upstream import sse
+from tests.support.server import live_server
+from tests.support.sse import stream
+from tests.test_model_openai import WRONG_TYPES, assert_well_typed, places, replaced
 
 WEATHER = ToolSpec(
     "get_weather",
@@ -250,7 +255,7 @@ async def test_connection_dropped_mid_stream_is_a_model_error(
     ("reply", "expected"),
     [
         (Reply(text=["a"], stop=False), "ended before"),
-        (Raw([b"event: message_start\ndata: {oops\n\n"]), "malformed event"),
+        (Raw([b"event: message_start\ndata: {oops\n\n"]), "malformed stream chunk"),
     ],
     ids=["closed-without-message-stop", "malformed-json"],
 )
@@ -379,3 +384,146 @@ def test_tool_rounds_become_text_when_a_request_offers_no_tools() -> None:
     assert "[calculate returned: 42]" in texts
     _, with_blocks = anthropic_messages(history)
     assert {b["type"] for m in with_blocks for b in m["content"]} >= {"tool_use", "tool_result"}
+
+
+# -- a provider that breaks its wire format --------------------------------------------
+
+MALFORMED = "anthropic:fake-model: the model provider sent a malformed stream chunk."
+
+
+def _text_delta(text: Any) -> dict[str, Any]:
+    delta = {"type": "text_delta", "text": text}
+    return {"type": "content_block_delta", "index": 0, "delta": delta}
+
+
+def _tool_use(
+    *, id: Any = "toolu_1", name: Any = "calculate", input: Any = None, pieces: Any = ()
+) -> list[dict[str, Any]]:
+    """A whole tool_use block at index 1: its start, input pieces and stop."""
+    block = {"type": "tool_use", "id": id, "name": name, "input": {} if input is None else input}
+    events: list[dict[str, Any]] = [
+        {"type": "content_block_start", "index": 1, "content_block": block}
+    ]
+    for piece in pieces:
+        delta = {"type": "input_json_delta", "partial_json": piece}
+        events.append({"type": "content_block_delta", "index": 1, "delta": delta})
+    return [*events, {"type": "content_block_stop", "index": 1}]
+
+
+def _usage(kind: str, **usage: Any) -> dict[str, Any]:
+    if kind == "message_start":
+        return {"type": "message_start", "message": {"usage": usage}}
+    return {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": usage}
+
+
+# Each is slipped into a well-formed stream after the text "Once upon" (block 0).
+MALFORMED_EVENTS: dict[str, list[Any]] = {
+    "text-number": [_text_delta(5)],
+    "text-list": [_text_delta(["a"])],
+    "text-false": [_text_delta(False)],
+    "event-list": [[1, 2]],
+    "event-number": [5],
+    "event-string": ['"Once"'],
+    "event-null": ["null"],
+    "delta-string": [{"type": "content_block_delta", "index": 0, "delta": "a"}],
+    "delta-index-list": [
+        {
+            "type": "content_block_delta",
+            "index": [1],
+            "delta": {"type": "input_json_delta", "partial_json": "{}"},
+        }
+    ],
+    "start-index-string": [
+        {
+            "type": "content_block_start",
+            "index": "1",
+            "content_block": {"type": "tool_use", "id": "toolu_1", "name": "calculate"},
+        }
+    ],
+    "block-string": [{"type": "content_block_start", "index": 1, "content_block": "text"}],
+    "block-text-number": [
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": 5}}
+    ],
+    "stop-index-object": [{"type": "content_block_stop", "index": {"i": 1}}],
+    "tool-use-id-number": _tool_use(id=5),
+    "tool-use-name-list": _tool_use(name=["calculate"]),
+    "tool-use-input-string": _tool_use(input='{"expression": "1+1"}'),
+    "partial-json-number": _tool_use(pieces=['{"expression": ', 11, "}"]),
+    "message-number": [{"type": "message_start", "message": 5}],
+    "usage-string": [{"type": "message_delta", "delta": {}, "usage": "many"}],
+    "input-tokens-string": [_usage("message_start", input_tokens="3")],
+    "cache-tokens-float": [_usage("message_start", input_tokens=3, cache_read_input_tokens=1.5)],
+    "output-tokens-string": [_usage("message_delta", output_tokens="2")],
+    "output-tokens-negative": [_usage("message_delta", output_tokens=-2)],
+}
+
+
+@pytest.mark.parametrize("events", MALFORMED_EVENTS.values(), ids=MALFORMED_EVENTS.keys())
+async def test_a_malformed_event_is_a_model_error_and_the_partial_answer_is_kept(
+    settings: Settings,
+    upstream: FakeAnthropic,
+    monkeypatch: pytest.MonkeyPatch,
+    events: list[Any],
+) -> None:
+    upstream.enqueue(Reply(text=["Once", " upon"], inject=events, usage=(9, 2)))
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", upstream.url)
+    with live_server(settings.with_(model="anthropic:fake-model")) as live:
+        async with httpx.AsyncClient(base_url=live.url, timeout=30) as http:
+            params = {"message": "tell me", "sessionId": "malformed"}
+            result = await stream(http, "GET", "/api/chat/stream", params=params)
+            session = await http.get("/api/chat/sessions/malformed")
+
+    assert result.types == ["token", "token", "error"]
+    assert [token["content"] for token in result.of("token")] == ["Once", " upon"]
+    assert result.data[-1] == {"code": "MODEL_ERROR", "message": MALFORMED}
+    assert session.status_code == 200
+    stored = session.json()["messages"]
+    assert stored[-1] == {
+        "role": "assistant",
+        "content": "Once upon",
+        "interrupted": True,
+        "createdAt": stored[-1]["createdAt"],
+    }
+
+
+PLAIN_ERRORS = {
+    "anthropic:test: the model provider sent a malformed stream chunk.",
+    "anthropic:test: the model sent a tool call without a name",
+    "anthropic:test: the stream ended before the answer finished",
+}
+
+
+def test_no_event_of_any_shape_gets_past_the_reader_with_a_wrong_type() -> None:
+    start = {
+        "type": "message_start",
+        "message": {"usage": {"input_tokens": 9, "cache_read_input_tokens": 1}},
+    }
+    text_block = {"type": "text", "text": "Once"}
+    well_formed = [
+        start,
+        {"type": "content_block_start", "index": 0, "content_block": text_block},
+        _text_delta(" upon"),
+        {"type": "content_block_stop", "index": 0},
+        *_tool_use(pieces=['{"expression": ', '"1+1"}']),
+        *_tool_use(input={"expression": "2+2"}),
+        _usage("message_delta", output_tokens=2),
+        {"type": "message_stop"},
+    ]
+    tried = 0
+    for number, event in enumerate(well_formed):
+        for path in places(event):
+            for wrong in WRONG_TYPES:
+                mutated = list(well_formed)
+                mutated[number] = replaced(event, path, wrong)
+                reader = MessagesReader("anthropic:test")
+                events = reader.feed(b"".join(sse(e) for e in mutated))  # must not raise
+                error = reader.error
+                if error is None:
+                    try:
+                        events += reader.finish()
+                    except ModelError as exc:
+                        error = exc
+                assert error is None or error.message in PLAIN_ERRORS
+                assert_well_typed(events)
+                tried += 1
+    assert tried > 300

@@ -10,14 +10,18 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trustme
 
+from chatstream.config import Settings
 from chatstream.errors import ModelError, ModelTimeout
 from chatstream.messages import Message, ToolCallRequest, assistant, tool_result, user
 from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
 from chatstream.models.openai import ChatCompletionsReader, OpenAIModel
 from tests.fakes.openai_upstream import Call, Completion, FakeOpenAI, HTTPError, Raw, sse
+from tests.support.server import live_server
+from tests.support.sse import stream
 
 WEATHER = ToolSpec(
     "get_weather",
@@ -231,7 +235,7 @@ async def test_connection_dropped_mid_stream_is_a_model_error_after_the_tokens_s
     ("reply", "expected"),
     [
         (Raw([sse({"choices": [{"index": 0, "delta": {"content": "a"}}]})]), "ended before"),
-        (Raw([b"data: {not json\n\n"]), "malformed event"),
+        (Raw([b"data: {not json\n\n"]), "malformed stream chunk"),
         (Completion(text=["a"], error="The model is overloaded."), "The model is overloaded."),
         (Raw([b'{"error": {"message": "nope"}}'], content_type="application/json"), "nope"),
     ],
@@ -247,6 +251,27 @@ async def test_broken_streams_are_model_errors(
     assert expected in str(error)
 
 
+LONG_MESSAGE = "This model's maximum context length is 128000 tokens. " * 100
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [HTTPError(400, LONG_MESSAGE), Completion(text=["a"], error=LONG_MESSAGE)],
+    ids=["http-error", "error-in-stream"],
+)
+async def test_a_long_provider_message_is_cut_to_an_excerpt(
+    upstream: FakeOpenAI, model: OpenAIModel, reply: Any
+) -> None:
+    upstream.enqueue(reply)
+
+    _, error = await collect_until_error(model)
+
+    assert len(error.message) < 400
+    assert "This model's maximum context length is 128000 tokens." in error.message
+    assert error.message.endswith("...")
+    assert error.code == "MODEL_ERROR"
+
+
 async def test_unreachable_server_is_a_model_error() -> None:
     with socket.socket() as probe:  # a port that was free a moment ago: nothing listens
         probe.bind(("127.0.0.1", 0))
@@ -257,7 +282,8 @@ async def test_unreachable_server_is_a_model_error() -> None:
     finally:
         await model.aclose()
 
-    assert "request failed" in str(error)
+    assert str(error) == "openai:gpt-test: the provider could not be reached"
+    assert str(port) not in str(error)
 
 
 def _proxy_env(
@@ -321,7 +347,9 @@ async def test_a_proxy_that_never_answers_times_out_within_the_connect_limit(
     assert accepted, "the proxy was never asked"
 
 
-async def test_redirects_are_reported_not_followed(upstream: FakeOpenAI) -> None:
+async def test_redirects_are_reported_not_followed(
+    upstream: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
     elsewhere = "http://elsewhere.example.invalid/v1/chat/completions"
     upstream.enqueue(HTTPError(307, "Moved", headers={"location": elsewhere}))
     model = OpenAIModel("gpt-test", base_url=upstream.url, api_key="sk-secret")
@@ -331,7 +359,9 @@ async def test_redirects_are_reported_not_followed(upstream: FakeOpenAI) -> None
         await model.aclose()
 
     assert "HTTP 307" in str(error)
-    assert f"redirected to {elsewhere}" in str(error)
+    assert "a redirect, not followed" in str(error)
+    assert "elsewhere" not in str(error)  # the target is for the log, not the chat client
+    assert f"redirected to {elsewhere}" in caplog.text
     assert len(upstream.requests) == 1
 
 
@@ -366,7 +396,7 @@ async def test_an_https_provider_is_verified_against_the_cas_the_environment_nam
             _, error = await collect_until_error(untrusted)
         finally:
             await untrusted.aclose()
-        assert "certificate verify failed" in str(error)
+        assert str(error) == "openai:gpt-test: the provider's TLS certificate was not trusted"
 
         monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
         trusted = OpenAIModel("gpt-test", base_url=fake.url, api_key="k")
@@ -519,3 +549,157 @@ async def test_events_cut_at_any_byte_and_crlf_line_ends_are_read_alike(
     reader = ChatCompletionsReader("openai:test")
     events = [event for i in range(len(body)) for event in reader.feed(body[i : i + 1])]
     assert (events, reader.done, reader.error) == (expected, True, None)
+
+
+# -- a provider that breaks its wire format --------------------------------------------
+
+MALFORMED = "openai:fake-model: the model provider sent a malformed stream chunk."
+
+
+def _delta(delta: Any, **choice: Any) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": None, **choice}]}
+
+
+def _fragment(**fields: Any) -> dict[str, Any]:
+    call: dict[str, Any] = {"index": 0, "id": "call_1", "type": "function"}
+    call["function"] = {"name": "calculate", "arguments": '{"expression": "1+1"}'}
+    for key, value in fields.items():
+        if key in ("name", "arguments"):
+            call["function"][key] = value
+        else:
+            call[key] = value
+    return _delta({"tool_calls": [call]})
+
+
+def _usage(**fields: Any) -> dict[str, Any]:
+    return {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2, **fields}}
+
+
+# Each is slipped into a well-formed stream after the tokens "Once" and " upon".
+MALFORMED_CHUNKS: dict[str, list[Any]] = {
+    "content-number": [_delta({"content": 5})],
+    "content-list": [_delta({"content": ["a"]})],
+    "content-object": [_delta({"content": {"text": "a"}})],
+    "content-false": [_delta({"content": False})],
+    "refusal-number": [_delta({"refusal": 5})],
+    "chunk-list": [[1, 2]],
+    "chunk-number": [5],
+    "chunk-string": ['"Once"'],
+    "chunk-null": ["null"],
+    "choices-string": [{"choices": "abc"}],
+    "choices-object": [{"choices": {"0": {"delta": {"content": "a"}}}}],
+    "choice-number": [{"choices": [5]}],
+    "delta-string": [_delta("a")],
+    "finish-reason-number": [_delta({}, finish_reason=1)],
+    "tool-calls-object": [_delta({"tool_calls": {"index": 0}})],
+    "tool-call-string": [_delta({"tool_calls": ["call_1"]})],
+    "tool-call-index-string": [_fragment(index="0")],
+    "tool-call-index-list": [_fragment(index=[0])],
+    "tool-call-id-number": [_fragment(id=5)],
+    "tool-call-function-string": [_fragment(function="calculate")],
+    "tool-call-name-number": [_fragment(name=5)],
+    "tool-call-arguments-object": [_fragment(arguments={"expression": "1+1"})],
+    "tool-call-arguments-number": [_fragment(arguments=11)],
+    "usage-number": [{"choices": [], "usage": 5}],
+    "usage-tokens-string": [_usage(prompt_tokens="9")],
+    "usage-tokens-float": [_usage(completion_tokens=2.5)],
+    "usage-tokens-negative": [_usage(completion_tokens=-2)],
+    "usage-tokens-bool": [_usage(prompt_tokens=True)],
+}
+
+
+@pytest.mark.parametrize("chunks", MALFORMED_CHUNKS.values(), ids=MALFORMED_CHUNKS.keys())
+async def test_a_malformed_chunk_is_a_model_error_and_the_partial_answer_is_kept(
+    settings: Settings,
+    upstream: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    chunks: list[Any],
+) -> None:
+    upstream.enqueue(Completion(text=["Once", " upon"], inject=chunks, usage=(9, 2)))
+    monkeypatch.setenv("OPENAI_BASE_URL", upstream.url)
+    with live_server(settings.with_(model="openai:fake-model")) as live:
+        async with httpx.AsyncClient(base_url=live.url, timeout=30) as http:
+            params = {"message": "tell me", "sessionId": "malformed"}
+            result = await stream(http, "GET", "/api/chat/stream", params=params)
+            session = await http.get("/api/chat/sessions/malformed")
+
+    assert result.types == ["token", "token", "error"]
+    assert [token["content"] for token in result.of("token")] == ["Once", " upon"]
+    assert result.data[-1] == {"code": "MODEL_ERROR", "message": MALFORMED}
+    assert session.status_code == 200
+    stored = session.json()["messages"]
+    assert stored[-1] == {
+        "role": "assistant",
+        "content": "Once upon",
+        "interrupted": True,
+        "createdAt": stored[-1]["createdAt"],
+    }
+
+
+def places(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """Every place in a JSON value: itself, and each item and field, depth first."""
+    yield path
+    if isinstance(value, dict | list):
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+            yield from places(item, (*path, key))
+
+
+def replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    """A copy of a JSON value with ``new`` at ``path``."""
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = replaced(value[path[0]], path[1:], new)
+    return copy
+
+
+WRONG_TYPES: list[Any] = [None, 5, -1, 2.5, True, False, "", "x", [], [1], {}, {"a": 1}]
+
+
+def assert_well_typed(events: Sequence[ModelEvent]) -> None:
+    """Text is a string, a tool call has string id and name and an object of arguments..."""
+    for event in events:
+        if isinstance(event, TextDelta):
+            assert type(event.text) is str
+        elif isinstance(event, ToolCallRequest):
+            assert (type(event.id), type(event.name), type(event.arguments)) == (str, str, dict)
+        else:
+            assert type(event.prompt_tokens) is type(event.completion_tokens) is int
+            assert event.prompt_tokens >= 0 and event.completion_tokens >= 0
+
+
+PLAIN_ERRORS = {
+    "openai:test: the model provider sent a malformed stream chunk.",
+    "openai:test: the model sent a tool call without a name",
+    "openai:test: the stream ended before the answer finished",
+}
+
+
+def test_no_chunk_of_any_shape_gets_past_the_reader_with_a_wrong_type() -> None:
+    chunks: list[Any] = [
+        _delta({"role": "assistant", "content": "", "refusal": None}),
+        _delta({"content": "Once"}),
+        _delta({"content": None, "refusal": "No."}),
+        _fragment(),
+        _delta({}, finish_reason="tool_calls"),
+        _usage(),
+    ]
+    tried = 0
+    for number, chunk in enumerate(chunks):
+        for path in places(chunk):
+            for wrong in WRONG_TYPES:
+                mutated = list(chunks)
+                mutated[number] = replaced(chunk, path, wrong)
+                body = b"".join(sse(c) for c in mutated) + sse("[DONE]")
+                reader = ChatCompletionsReader("openai:test")
+                events = reader.feed(body)  # must not raise
+                error = reader.error
+                if error is None:
+                    try:
+                        events += reader.finish()
+                    except ModelError as exc:
+                        error = exc
+                assert error is None or error.message in PLAIN_ERRORS
+                assert_well_typed(events)
+                tried += 1
+    assert tried > 300

@@ -10,7 +10,8 @@ Same transport and ideas as ``openai_upstream`` (see there)::
 
 Replies: ``Message`` (text tokens, tool_use blocks whose JSON input arrives in several
 ``input_json_delta`` pieces, usage, ``ping``, delays, a hold, a drop, a mid-stream
-``error`` event under HTTP 200), ``HTTPError`` (Anthropic error body) or ``Raw``.
+``error`` event under HTTP 200, malformed events slipped in with ``inject``),
+``HTTPError`` (Anthropic error body) or ``Raw``.
 ``python -m tests.fakes.anthropic_upstream --port 8002`` runs an echo server
 (``ANTHROPIC_BASE_URL=http://127.0.0.1:8002``).
 """
@@ -56,7 +57,9 @@ class Message:
     Events are counted from 1 after ``message_start`` (each text delta, each tool_use
     start and input piece): ``hold_after``, ``drop_after`` and ``delay`` work as in
     ``openai_upstream.Completion``. ``error`` sends an ``error`` event after the events
-    (as Anthropic does when overloaded mid-stream) and ends the body.
+    (as Anthropic does when overloaded mid-stream) and ends the body. ``inject`` sends these
+    payloads as events, as they are (JSON-encoded unless bytes or str), after the content
+    blocks and before the end: malformed events, say a ``text_delta`` whose ``text`` is 5.
     """
 
     text: Sequence[str] = ()
@@ -68,6 +71,7 @@ class Message:
     error: tuple[str, str] | None = None  # (type, message), e.g. ("overloaded_error", ...)
     stop: bool = True  # send message_delta + message_stop
     model: str | None = None
+    inject: Sequence[Any] = ()
 
 
 class FakeAnthropic(LoopbackServer):
@@ -149,6 +153,9 @@ class FakeAnthropic(LoopbackServer):
                 return
             if number == reply.hold_after:
                 await exchange.hold()
+        for payload in reply.inject:
+            name = payload.get("type") if isinstance(payload, dict) else None
+            await exchange.chunk(sse(payload, name if isinstance(name, str) else None))
         if reply.error is not None:
             kind, message = reply.error
             await exchange.chunk(sse(_error_body(kind, message), "error"))

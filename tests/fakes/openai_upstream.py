@@ -15,8 +15,9 @@ Replies are taken from the queue in order; with none queued the server answers w
 ``default`` (by default an echo of the last message, in several tokens). A reply is a
 ``Completion`` (tokens, fragmented tool calls, usage, delays, a hold, a drop), an
 ``HTTPError`` (status + OpenAI error body) or ``Raw`` (bytes as given, for malformed
-streams). Run ``python -m tests.fakes.openai_upstream --port 8001 --delay 0.05`` for a
-standalone echo server (``OPENAI_BASE_URL=http://127.0.0.1:8001/v1``).
+streams); ``Completion(inject=...)`` slips malformed chunks into a well-formed stream.
+Run ``python -m tests.fakes.openai_upstream --port 8001 --delay 0.05`` for a standalone
+echo server (``OPENAI_BASE_URL=http://127.0.0.1:8001/v1``).
 
 ``LoopbackServer`` is the transport shared with the Anthropic fake.
 """
@@ -431,6 +432,9 @@ class Completion:
     ``interleave`` alternates the fragments of parallel tool calls (calls stay keyed by
     ``index``); ``usage`` is sent when the client asked for it (``stream_options``).
     ``error`` sends ``{"error": ...}`` in the stream after the events instead of finishing.
+    ``inject`` sends these payloads as ``data:`` events, as they are (JSON-encoded unless
+    bytes or str), after the events and before the finish: a malformed chunk, say
+    ``{"choices": [{"index": 0, "delta": {"content": 5}}]}`` or ``[1, 2]``.
     """
 
     text: Sequence[str] = ()
@@ -443,6 +447,7 @@ class Completion:
     done: bool = True  # send ``data: [DONE]``
     error: str | None = None
     model: str | None = None
+    inject: Sequence[Any] = ()
 
 
 def _pieces(text: str, count: int) -> list[str]:
@@ -571,6 +576,8 @@ class FakeOpenAI(LoopbackServer):
                 return
             if number == reply.hold_after:
                 await exchange.hold()
+        for payload in reply.inject:
+            await exchange.chunk(sse(payload))
         if reply.error is not None:
             await exchange.chunk(sse({"error": {"message": reply.error, "type": "server_error"}}))
             await exchange.end()

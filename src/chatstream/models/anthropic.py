@@ -11,7 +11,11 @@ Decisions worth knowing:
   ``openai.parse_arguments`` (``{"_raw": ...}`` when it is not a JSON object).
 - ``prompt_tokens`` counts cached input too (``cache_creation_input_tokens`` and
   ``cache_read_input_tokens``), so it is the whole prompt, as in OpenAI's usage.
-- Thinking blocks and server tools are ignored.
+- Thinking blocks and server tools are ignored, and so are event types added later.
+- A field of the wrong type (a ``text_delta`` whose ``text`` is 5, an event that is a
+  JSON list, a token count that is a string) fails the turn with a ``ModelError`` (a
+  malformed chunk, see ``http.malformed_chunk``) after the events before it; a null
+  field counts as missing.
 """
 
 from __future__ import annotations
@@ -26,11 +30,17 @@ from chatstream.errors import ModelError
 from chatstream.messages import Message, ToolCallRequest, model_text
 from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
 from chatstream.models.http import (
+    Malformed,
     SSEDecoder,
     UpstreamClient,
+    count_field,
     error_detail,
+    index_field,
+    malformed_chunk,
+    object_field,
     parse_arguments,
     stream_events,
+    text_field,
 )
 
 __all__ = ["AnthropicModel", "MessagesReader", "anthropic_messages"]
@@ -104,9 +114,9 @@ class _Block:
     __slots__ = ("id", "input", "name", "pieces")
 
     def __init__(self, block: dict[str, Any]) -> None:
-        self.id: str = block.get("id") or ""
-        self.name: str = block.get("name") or ""
-        self.input: Any = block.get("input")
+        self.id = text_field(block, "id")
+        self.name = text_field(block, "name")
+        self.input = object_field(block, "input")
         self.pieces: list[str] = []
 
 
@@ -140,64 +150,63 @@ class MessagesReader:
         return []
 
     def _read(self, chunk: bytes, events: list[ModelEvent]) -> None:
-        for data in self._decoder.feed(chunk):
-            event = self._load(data)
-            kind = event.get("type")
-            if kind == "content_block_delta":
-                delta = event.get("delta") or {}
-                delta_kind = delta.get("type")
-                if delta_kind == "text_delta":
-                    if text := delta.get("text"):
-                        events.append(TextDelta(text))
-                elif delta_kind == "input_json_delta":
-                    block = self._blocks.get(event.get("index", -1))
-                    if block is not None and (piece := delta.get("partial_json")):
-                        block.pieces.append(piece)
-            elif kind == "content_block_start":
-                block_data = event.get("content_block") or {}
-                if block_data.get("type") == "tool_use":
-                    self._blocks[event.get("index", -1)] = _Block(block_data)
-                elif block_data.get("type") == "text" and (text := block_data.get("text")):
-                    events.append(TextDelta(text))
-            elif kind == "content_block_stop":
-                done_block = self._blocks.pop(event.get("index", -1), None)
-                if done_block is not None:
-                    events.append(self._tool_call(done_block))
-            elif kind == "message_start":
-                self._count((event.get("message") or {}).get("usage") or {})
-            elif kind == "message_delta":
-                self._count(event.get("usage") or {})
-            elif kind == "message_stop":
-                self.done = True
-                events.append(Usage(prompt_tokens=self._input, completion_tokens=self._output))
-                return
-            elif kind == "error":
-                detail = error_detail(data, "unknown error")
-                raise ModelError(f"{self._name}: the provider failed mid-stream: {detail}")
-            # ping, and event types added later, need nothing.
-
-    def _load(self, data: bytes) -> dict[str, Any]:
+        data = b""
         try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise ModelError(
-                f"{self._name}: malformed event from the provider: {data[:200]!r}"
-            ) from None
-        if not isinstance(event, dict):
-            raise ModelError(f"{self._name}: unexpected event from the provider: {data[:200]!r}")
-        return event
+            for data in self._decoder.feed(chunk):
+                event = _load(data)
+                kind = event.get("type")
+                if kind == "content_block_delta":
+                    # The per-token path: plain lookups; the checking helpers only off it.
+                    delta = event.get("delta")
+                    if type(delta) is not dict:
+                        delta = object_field(event, "delta")  # {} for null, or raises
+                    delta_kind = delta.get("type")
+                    if delta_kind == "text_delta":
+                        text = delta.get("text")
+                        if text and type(text) is str:
+                            events.append(TextDelta(text))
+                        else:
+                            text_field(delta, "text")  # "" or null; any other type raises
+                    elif delta_kind == "input_json_delta":
+                        piece = text_field(delta, "partial_json")
+                        block = self._blocks.get(_index(event))
+                        if block is not None and piece:
+                            block.pieces.append(piece)
+                elif kind == "content_block_start":
+                    block_data = object_field(event, "content_block")
+                    block_kind = block_data.get("type")
+                    if block_kind == "tool_use":
+                        self._blocks[_index(event)] = _Block(block_data)
+                    elif block_kind == "text" and (text := text_field(block_data, "text")):
+                        events.append(TextDelta(text))
+                elif kind == "content_block_stop":
+                    done_block = self._blocks.pop(_index(event), None)
+                    if done_block is not None:
+                        events.append(self._tool_call(done_block))
+                elif kind == "message_start":
+                    self._count(object_field(object_field(event, "message"), "usage"))
+                elif kind == "message_delta":
+                    self._count(object_field(event, "usage"))
+                elif kind == "message_stop":
+                    self.done = True
+                    events.append(Usage(prompt_tokens=self._input, completion_tokens=self._output))
+                    return
+                elif kind == "error":
+                    detail = error_detail(data, "unknown error")
+                    raise ModelError(f"{self._name}: the provider failed mid-stream: {detail}")
+                # ping, and event types added later, need nothing.
+        except Malformed as exc:
+            raise malformed_chunk(self._name, exc, data) from None
 
     def _count(self, usage: dict[str, Any]) -> None:
         # message_start carries the input; message_delta the final (cumulative) output
         # and, in newer API versions, the input again.
-        if usage.get("input_tokens") is not None:
-            self._input = (
-                usage["input_tokens"]
-                + (usage.get("cache_creation_input_tokens") or 0)
-                + (usage.get("cache_read_input_tokens") or 0)
-            )
-        if usage.get("output_tokens") is not None:
-            self._output = usage["output_tokens"]
+        created = count_field(usage, "cache_creation_input_tokens") or 0
+        read = count_field(usage, "cache_read_input_tokens") or 0
+        if (prompt := count_field(usage, "input_tokens")) is not None:
+            self._input = prompt + created + read
+        if (output := count_field(usage, "output_tokens")) is not None:
+            self._output = output
 
     def _tool_call(self, block: _Block) -> ToolCallRequest:
         if not block.name:
@@ -206,8 +215,23 @@ class MessagesReader:
             arguments = parse_arguments("".join(block.pieces))
         else:
             # No deltas: the whole input (usually {}) came with content_block_start.
-            arguments = block.input if isinstance(block.input, dict) else {}
+            arguments = block.input
         return ToolCallRequest(id=block.id, name=block.name, arguments=arguments)
+
+
+def _load(data: bytes) -> dict[str, Any]:
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise Malformed("not JSON") from None
+    if type(event) is not dict:
+        raise Malformed(f"a JSON {type(event).__name__}, not an object")
+    return event
+
+
+def _index(event: dict[str, Any]) -> int:
+    index = index_field(event)
+    return -1 if index is None else index
 
 
 class AnthropicModel:

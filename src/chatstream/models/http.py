@@ -3,10 +3,16 @@
 Both OpenAI's and Anthropic's APIs answer a streaming request with Server-Sent
 Events over HTTP; what differs is the JSON inside, which each backend's
 ``EventReader`` turns into model events. Everything else lives here once.
+
+What a ``ModelError`` says reaches the chat client, so it is a plain sentence: the
+provider's own error message is kept (cut to ``MAX_DETAIL`` characters), but exception
+text, the provider's host and port, a redirect's target and raw bodies go to the log.
+A chunk whose fields have the wrong type is a malformed chunk, never passed on.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 import urllib.parse
 import urllib.request
@@ -20,9 +26,13 @@ import orjson
 from chatstream.errors import ModelError, ModelTimeout
 from chatstream.models.base import ModelEvent
 
+log = logging.getLogger(__name__)
+
 RAW_ARGUMENTS = "_raw"
 # Error bodies are read for their message only; a proxy's HTML page need not be read whole.
 _MAX_ERROR_BODY = 64 * 1024
+# The most of an upstream's words (its error message, a body's text) put in a ModelError.
+MAX_DETAIL = 300
 # How long an idle connection to the provider is kept for the next request.
 KEEPALIVE_S = 30.0
 
@@ -150,19 +160,77 @@ def parse_arguments(raw: str) -> dict[str, Any]:
 
 
 def error_detail(body: bytes, fallback: str) -> str:
-    """The human message in an error body (OpenAI, Anthropic, FastAPI shapes), else its text."""
+    """The human message in an error body (OpenAI, Anthropic, FastAPI shapes), else its text.
+
+    Either is cut to ``MAX_DETAIL`` characters, on one line.
+    """
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         data = None
+    text = ""
     if isinstance(data, dict):
         error = data.get("error", data.get("detail", data.get("message")))
         if isinstance(error, dict):
             error = error.get("message") or error.get("type")
-        if isinstance(error, str) and error:
-            return error
-    text = " ".join(body.decode("utf-8", "replace").split())
-    return (text[:300] + "...") if len(text) > 300 else (text or fallback)
+        if isinstance(error, str):
+            text = error
+    if not text or text.isspace():
+        text = body.decode("utf-8", "replace")
+    return _cut(text) or fallback
+
+
+def _cut(text: str, limit: int = MAX_DETAIL) -> str:
+    text = " ".join(text.split())
+    return (text[:limit] + "...") if len(text) > limit else text
+
+
+class Malformed(Exception):
+    """A field of a provider's chunk has the wrong type; a reader turns it into a ModelError."""
+
+
+def malformed_chunk(name: str, problem: object, data: bytes) -> ModelError:
+    """The ``ModelError`` for a chunk that breaks the wire format; what was wrong is logged."""
+    log.warning("%s: malformed stream chunk (%s): %r", name, problem, data[:500])
+    return ModelError(f"{name}: the model provider sent a malformed stream chunk.")
+
+
+def text_field(obj: dict[str, Any], key: str) -> str:
+    """``obj[key]`` when it is a string; ``""`` when missing or null."""
+    value = obj.get(key)
+    if type(value) is str:
+        return value
+    if value is None:
+        return ""
+    raise Malformed(f"{key} is {type(value).__name__}, not a string")
+
+
+def object_field(obj: dict[str, Any], key: str) -> dict[str, Any]:
+    """``obj[key]`` when it is an object; ``{}`` when missing or null."""
+    value = obj.get(key)
+    if type(value) is dict:
+        return value
+    if value is None:
+        return {}
+    raise Malformed(f"{key} is {type(value).__name__}, not an object")
+
+
+def count_field(obj: dict[str, Any], key: str) -> int | None:
+    """``obj[key]`` when it is a token count (an integer, not negative); ``None`` when missing."""
+    value = obj.get(key)
+    if type(value) is int and value >= 0:
+        return value
+    if value is None:
+        return None
+    raise Malformed(f"{key} is {value!r:.40}, not a token count")
+
+
+def index_field(obj: dict[str, Any], key: str = "index") -> int | None:
+    """``obj[key]`` when it is an integer; ``None`` when missing or null."""
+    value = obj.get(key)
+    if type(value) is int or value is None:
+        return value
+    raise Malformed(f"{key} is {type(value).__name__}, not an integer")
 
 
 async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
@@ -179,33 +247,50 @@ async def http_error(name: str, response: aiohttp.ClientResponse) -> ModelError:
     """A ``ModelError`` for a 3xx/4xx/5xx answer, with the status and the upstream's message.
 
     Redirects are not followed (the API key would go along to wherever they point); the
-    error names the new location so the base URL can be fixed.
+    log names the new location so the base URL can be fixed.
     """
-    detail = error_detail(await _read_capped(response), response.reason or "")
+    body = await _read_capped(response)
+    detail = error_detail(body, _cut(response.reason or "", 60))
+    log.warning("%s: HTTP %d from the provider: %r", name, response.status, body[:2000])
     if location := response.headers.get("location"):
-        detail += f" (redirected to {location}; set the base URL to it)"
+        log.warning("%s: the provider redirected to %s (not followed)", name, location)
+        detail += " (a redirect, not followed: the server log names its target)"
     message = f"{name}: HTTP {response.status}: {detail}"
     if retry_after := response.headers.get("retry-after"):
         unit = " s" if retry_after.isdigit() else ""
-        message += f" (retry after {retry_after}{unit})"
+        message += f" (retry after {_cut(retry_after, 40)}{unit})"
     return ModelError(message)
 
 
 async def not_an_event_stream(name: str, response: aiohttp.ClientResponse) -> ModelError:
     """A ``ModelError`` for a 200 answer that is not ``text/event-stream``."""
-    detail = error_detail(await _read_capped(response), "")
-    kind = response.headers.get("content-type", "no content type")
-    return ModelError(f"{name}: expected an event stream, got {kind}: {detail}")
+    body = await _read_capped(response)
+    log.warning("%s: the provider answered without an event stream: %r", name, body[:2000])
+    kind = _cut(response.headers.get("content-type", "no content type"), 60)
+    return ModelError(f"{name}: expected an event stream, got {kind}: {error_detail(body, '')}")
+
+
+# What a network failure is called in a ModelError: the first class that matches wins.
+# aiohttp's own words name the host and port, so they go to the log only.
+_TRANSPORT_ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (aiohttp.ClientConnectorCertificateError, "the provider's TLS certificate was not trusted"),
+    (aiohttp.ClientSSLError, "a TLS connection to the provider could not be made"),
+    (aiohttp.ClientProxyConnectionError, "the proxy could not be reached"),
+    (aiohttp.ClientHttpProxyError, "the proxy refused the connection"),
+    (aiohttp.ClientConnectorError, "the provider could not be reached"),  # DNS too
+    (aiohttp.ServerDisconnectedError, "the provider closed the connection"),
+)
 
 
 def transport_error(name: str, exc: Exception, *, started: bool) -> ModelError:
     """A ``ModelError`` for a network failure, saying whether the stream had begun."""
-    detail = str(exc) or type(exc).__name__
+    log.warning("%s: %s failed: %r", name, "the stream" if started else "the request", exc)
     if isinstance(exc, TimeoutError):  # aiohttp's connect and read timeouts are TimeoutErrors
-        return ModelTimeout(f"{name}: the provider did not answer in time ({detail})")
+        return ModelTimeout(f"{name}: the provider did not answer in time")
     if started:
-        return ModelError(f"{name}: connection lost mid-stream ({detail})")
-    return ModelError(f"{name}: request failed ({detail})")
+        return ModelError(f"{name}: connection lost mid-stream")
+    what = next((text for kind, text in _TRANSPORT_ERRORS if isinstance(exc, kind)), None)
+    return ModelError(f"{name}: {what or 'the request to the provider failed'}")
 
 
 class EventReader(Protocol):

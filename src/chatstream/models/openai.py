@@ -16,6 +16,9 @@ Decisions worth knowing:
 - A tool message with ``is_error`` is sent as ``"Error: <content>"``: Chat Completions has
   no error flag on tool results.
 - A missing tool-call id (some local servers) is replaced by a generated ``call_<hex>``.
+- A field of the wrong type (``"content": 5``, a chunk that is a JSON list, a token
+  count that is a string) fails the turn with a ``ModelError`` (a malformed chunk, see
+  ``http.malformed_chunk``) after the events before it; a null field counts as missing.
 """
 
 from __future__ import annotations
@@ -32,11 +35,17 @@ from chatstream.messages import Message, ToolCallRequest, model_text
 from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
 from chatstream.models.http import (
     RAW_ARGUMENTS,
+    Malformed,
     SSEDecoder,
     UpstreamClient,
+    count_field,
     error_detail,
+    index_field,
+    malformed_chunk,
+    object_field,
     parse_arguments,
     stream_events,
+    text_field,
 )
 
 __all__ = ["RAW_ARGUMENTS", "ChatCompletionsReader", "OpenAIModel", "openai_messages"]
@@ -85,17 +94,32 @@ def openai_tools(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
     ]
 
 
-def _load_event(name: str, data: bytes) -> dict[str, Any]:
+def _load_event(data: bytes) -> dict[str, Any]:
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise ModelError(f"{name}: malformed event from the provider: {data[:200]!r}") from None
-    if not isinstance(obj, dict):
-        raise ModelError(f"{name}: unexpected event from the provider: {data[:200]!r}")
-    if (error := obj.get("error")) is not None:
-        detail = error_detail(orjson.dumps({"error": error}), "unknown error")
-        raise ModelError(f"{name}: the provider failed mid-stream: {detail}")
+        raise Malformed("not JSON") from None
+    if type(obj) is not dict:
+        raise Malformed(f"a JSON {type(obj).__name__}, not an object")
     return obj
+
+
+def _refusal(delta: dict[str, Any]) -> str:
+    """The refusal of a delta whose content is not a non-empty string, if it has one."""
+    text_field(delta, "content")  # here "" or null; any other type is malformed
+    return text_field(delta, "refusal")
+
+
+def _usage(reported: object) -> Usage | None:
+    """The usage a chunk reports; ``None`` for an empty object."""
+    if type(reported) is not dict:
+        raise Malformed(f"usage is {type(reported).__name__}, not an object")
+    if not reported:
+        return None
+    return Usage(
+        prompt_tokens=count_field(reported, "prompt_tokens") or 0,
+        completion_tokens=count_field(reported, "completion_tokens") or 0,
+    )
 
 
 class _PartialCall:
@@ -133,30 +157,47 @@ class ChatCompletionsReader:
         return events
 
     def _read(self, chunk: bytes, events: list[ModelEvent]) -> None:
-        for data in self._decoder.feed(chunk):
-            if data == b"[DONE]":
-                self.done = True
-                events.extend(self._rest())
-                break
-            obj = _load_event(self._name, data)
-            for choice in obj.get("choices") or ():
-                delta = choice.get("delta")
-                if delta:
-                    if content := delta.get("content"):
-                        events.append(TextDelta(content))
-                    elif refusal := delta.get("refusal"):
-                        events.append(TextDelta(refusal))
-                    if fragments := delta.get("tool_calls"):
-                        self._add_fragments(fragments)
-                if choice.get("finish_reason"):
-                    # Hand the calls over now; the usage chunk is still to come.
-                    self._finished = True
-                    events.extend(self._complete_calls())
-            if reported := obj.get("usage"):
-                self._usage = Usage(
-                    prompt_tokens=reported.get("prompt_tokens") or 0,
-                    completion_tokens=reported.get("completion_tokens") or 0,
-                )
+        # The per-token hot path: plain lookups and ``type(x) is`` checks, no model per chunk.
+        data = b""
+        try:
+            for data in self._decoder.feed(chunk):
+                if data == b"[DONE]":
+                    self.done = True
+                    events.extend(self._rest())
+                    break
+                obj = _load_event(data)
+                if (error := obj.get("error")) is not None:
+                    detail = error_detail(orjson.dumps({"error": error}), "unknown error")
+                    raise ModelError(f"{self._name}: the provider failed mid-stream: {detail}")
+                choices = obj.get("choices")
+                if type(choices) is list:
+                    for choice in choices:
+                        if type(choice) is not dict:
+                            raise Malformed(f"a choice is {type(choice).__name__}, not an object")
+                        delta = choice.get("delta")
+                        if type(delta) is dict:
+                            content = delta.get("content")
+                            if content and type(content) is str:
+                                events.append(TextDelta(content))
+                            elif text := _refusal(delta):
+                                events.append(TextDelta(text))
+                            if (fragments := delta.get("tool_calls")) is not None:
+                                self._add_fragments(fragments)
+                        elif delta is not None:
+                            raise Malformed(f"delta is {type(delta).__name__}, not an object")
+                        if (finish := choice.get("finish_reason")) is not None:
+                            if type(finish) is not str:
+                                raise Malformed(f"finish_reason is {type(finish).__name__}")
+                            if finish:
+                                # Hand the calls over now; the usage chunk is still to come.
+                                self._finished = True
+                                events.extend(self._complete_calls())
+                elif choices is not None:
+                    raise Malformed(f"choices is {type(choices).__name__}, not a list")
+                if (reported := obj.get("usage")) is not None:
+                    self._usage = _usage(reported) or self._usage
+        except Malformed as exc:
+            raise malformed_chunk(self._name, exc, data) from None
 
     def finish(self) -> list[ModelEvent]:
         """The body ended: return what is left, or raise ``ModelError`` if it ended early."""
@@ -173,22 +214,29 @@ class ChatCompletionsReader:
             events.append(self._usage)
         return events
 
-    def _add_fragments(self, fragments: list[dict[str, Any]]) -> None:
+    def _add_fragments(self, fragments: object) -> None:
+        if type(fragments) is not list:
+            raise Malformed(f"tool_calls is {type(fragments).__name__}, not a list")
         calls = self._calls
         for fragment in fragments:
+            if type(fragment) is not dict:
+                raise Malformed(f"a tool call is {type(fragment).__name__}, not an object")
             # Servers that send each call whole, in one fragment, may leave out ``index``.
-            index = fragment.get("index", len(calls))
+            index = index_field(fragment)
+            if index is None:
+                index = len(calls)
             call = calls.get(index)
             if call is None:
                 call = calls[index] = _PartialCall()
-            if not call.id and (call_id := fragment.get("id")):
+            call_id = text_field(fragment, "id")
+            if not call.id:
                 call.id = call_id
-            function = fragment.get("function")
-            if function:
-                if not call.name and (name := function.get("name")):
-                    call.name = name
-                if arguments := function.get("arguments"):
-                    call.arguments.append(arguments)
+            function = object_field(fragment, "function")
+            name = text_field(function, "name")
+            if not call.name:
+                call.name = name
+            if arguments := text_field(function, "arguments"):
+                call.arguments.append(arguments)
 
     def _complete_calls(self) -> list[ToolCallRequest]:
         done: list[ToolCallRequest] = []
