@@ -143,7 +143,13 @@ class Agent:
         def report(message: str, progress: float | None) -> None:
             updates.put_nowait(ToolProgress(call.id, call.name, message, progress))
 
-        result, is_error = await self._call(call, ToolContext(report, self.tool_settings))
+        try:
+            result, is_error = await self._call(call, ToolContext(report, self.tool_settings))
+        except Exception:
+            # Whatever fails here, the round waits for one result per call: never leave it
+            # waiting until the turn times out.
+            log.exception("tool call %s of %r failed", call.id, call.name)
+            result, is_error = f"{call.name} failed with an internal error.", True
         updates.put_nowait(ToolResult(call.id, call.name, result, is_error))
 
     async def _call(self, call: ToolCallRequest, ctx: ToolContext) -> tuple[str, bool]:
@@ -161,5 +167,6 @@ class Agent:
         except TimeoutError:
             return f"{call.name} timed out after {self.tool_timeout_s:g} s.", True
         except Exception as exc:
+            # The exception's text stays in the log: it may name files, hosts or secrets.
             log.exception("tool %s failed", call.name)
-            return f"{call.name} failed: {type(exc).__name__}: {exc}", True
+            return f"{call.name} failed with an internal error ({type(exc).__name__}).", True

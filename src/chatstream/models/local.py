@@ -203,7 +203,9 @@ class LocalModel:
                 if isinstance(item, ModelError):
                     raise item
                 if isinstance(item, Exception):
-                    raise ModelError(f"the local model failed: {item}") from item
+                    # llama.cpp's own words are for the log; the client learns that it failed.
+                    log.error("the local model failed: %r", item)
+                    raise ModelError("the local model failed while generating") from item
                 yield item
             finished = True
         finally:
