@@ -152,7 +152,7 @@ async def main() -> int:
         options.model, max_tokens=options.tokens, n_threads=options.threads, temperature=0.0
     )
     started = time.perf_counter()
-    await model.load()
+    await model.warm_up(())
     print(f"LocalModel.load: {time.perf_counter() - started:.2f} s (weights checked, mapped)")
     started = time.perf_counter()
     llm = llama_cpp.Llama(

@@ -116,7 +116,7 @@ async def main() -> int:
     model = LocalModel(options.model, max_tokens=64)
     tools = tool_specs()
     started = time.perf_counter()
-    await model.load()
+    await model.warm_up(())
     print(f"model {model.name} loaded in {time.perf_counter() - started:.2f} s")
     right = total = 0
     try:

@@ -22,6 +22,7 @@ import pytest
 from chatstream import messages as m
 from chatstream.config import Settings
 from chatstream.messages import ToolCallRequest
+from chatstream.store.base import SessionRef
 from tests.fakes.open_meteo import run_fake_open_meteo
 from tests.support.proxy import CuttingProxy, cutting_proxy
 from tests.support.server import LiveServer, live_server
@@ -389,7 +390,7 @@ def test_markup_from_users_models_and_tools_is_shown_as_text(
     with live_server(settings) as live:
         live.call(
             live.runtime.store.append(
-                "s_markup",
+                SessionRef("", "s_markup"),
                 [
                     m.user(f"Look: {MARKUP}"),
                     m.assistant("", tool_calls=(call,)),

@@ -15,13 +15,14 @@ import pytest
 from redis.asyncio import Redis
 
 from chatstream.agent import Agent
-from chatstream.cluster import Cluster
+from chatstream.cluster import RedisCoordinator, RedisRunLog, shared_runs
 from chatstream.config import Settings
 from chatstream.errors import StoreError
 from chatstream.events import Done, Token
 from chatstream.models import resolve
-from chatstream.runs import Run, RunManager, RunState
-from chatstream.store.base import Session
+from chatstream.runlog import entry
+from chatstream.runs import RunManager, RunState
+from chatstream.store.base import Session, SessionRef
 from chatstream.store.sqlite import SQLiteStore
 from chatstream.tools import default_tools
 
@@ -34,44 +35,42 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-async def cluster(redis_url: str, settings: Settings) -> AsyncIterator[Cluster]:
-    shared = Cluster.from_url(redis_url, settings)
-    yield shared
-    await shared.close()
+async def shared(
+    redis: Redis, settings: Settings
+) -> AsyncIterator[tuple[RedisRunLog, RedisCoordinator]]:
+    run_log, coordinator = shared_runs(redis, settings)
+    yield run_log, coordinator
+    await coordinator.close()
+    await run_log.close()
 
 
 async def test_a_retried_batch_skips_the_frames_redis_already_has(
-    cluster: Cluster, redis: Redis
+    shared: tuple[RedisRunLog, RedisCoordinator], redis: Redis
 ) -> None:
-    run = Run("run_retried", "s1", max_events=100, resume_grace_s=5)
-    for word in ("one ", "two ", "three "):
-        run.append(Token(word))
-    reader = run.follow()
-    frames = run.read(reader)
-    run.unfollow(reader)
-    key = f"chatstream:run:{run.id}:log"
+    run_log, _ = shared
+    key = "chatstream:run:run_retried:log"
+    words = ("one ", "two ", "three ", "four")
     # What a first attempt cut off by a connection failure can leave: its first two entries.
-    for seq, frame in enumerate(frames[:2], start=1):
+    for seq, word in enumerate(words[:2], start=1):
+        frame = entry("run_retried", seq, Token(word)).frame
         await redis.xadd(key, {"t": b"token", "f": frame}, id=f"{seq}-0")
-
-    cluster.attach(run)
-    run.append(Token("four"))
-    terminal = run.encode_next(Done(run.session_id, 2, run.id))
+    log = run_log.create("run_retried", SessionRef("", "s1"))
+    for word in words:
+        log.append(Token(word))
     started = time.monotonic()
-    await cluster.finish(run, terminal, RunState.DONE)
+    ending = await run_log.finish(log, Done("s1", 2, "run_retried"))
     took = time.monotonic() - started
-    run.append_frame(terminal)
+    log.end(ending)
 
     entries = await redis.xrange(key)
-    reader = run.follow()
     assert [entry_id.decode() for entry_id, _ in entries] == [f"{n}-0" for n in range(1, 6)]
-    assert [fields[b"f"] for _, fields in entries] == run.read(reader)
+    assert [fields[b"f"] for _, fields in entries] == [e.frame for e in log.entries]
     # The mirror did not keep re-sending ids Redis refused until finish gave up (5 s).
     assert took < 2
 
 
 async def test_a_turn_that_fails_to_start_frees_its_session_at_once(
-    cluster: Cluster,
+    shared: tuple[RedisRunLog, RedisCoordinator],
     redis: Redis,
     settings: Settings,
     tmp_path: Path,
@@ -80,25 +79,27 @@ async def test_a_turn_that_fails_to_start_frees_its_session_at_once(
     store = await SQLiteStore.open(tmp_path / "chat.db")
     load = store.load
 
-    async def down_once(session_id: str) -> Session | None:
+    async def down_once(ref: SessionRef) -> Session | None:
         monkeypatch.setattr(store, "load", load)  # the outage is over after this call
         raise StoreError("the store is down")
 
     monkeypatch.setattr(store, "load", down_once)
+    run_log, coordinator = shared
     runs = RunManager(
         agent=Agent(resolve("scripted"), default_tools()),
         store=store,
         settings=settings,
-        cluster=cluster,
+        log=run_log,
+        coordinator=coordinator,
     )
     try:
         with pytest.raises(StoreError) as refused:
-            await runs.start("s-free", "hello")
+            await runs.start(SessionRef("", "s-free"), "hello")
         assert refused.value.code == "STORE_UNAVAILABLE"
         assert await redis.get("chatstream:lock:s-free") is None
 
         # The next turn starts now rather than getting SESSION_BUSY until the lock expires.
-        run = await runs.start("s-free", "hello")
+        run = await runs.start(SessionRef("", "s-free"), "hello")
         await run.wait_finished()
         assert run.state is RunState.DONE
     finally:

@@ -170,7 +170,7 @@ def test_the_model_file_is_assembled_once_and_repaired_when_changed(tmp_path: Pa
 
 
 async def test_it_loads_from_the_package_files(model: LocalModel) -> None:
-    await model.load(TOOLS)  # and evaluates the system prompt, for the tests below
+    await model.warm_up(TOOLS)  # and evaluates the system prompt, for the tests below
 
     assert model.name == "local"
     assert model.load_seconds is not None

@@ -17,11 +17,12 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from chatstream.cluster import Cluster
+from chatstream.cluster import RedisCoordinator, RedisRunLog
 from chatstream.config import Settings
+from chatstream.coordinator import Message
 from chatstream.errors import StoreError
-from chatstream.runs import Run
-from chatstream.store.redis import RedisStore
+from chatstream.store.base import SessionRef
+from chatstream.store.redis import RedisStore, connect
 from tests.support.redis import RedisServer, own_redis_server, redis_link
 from tests.support.server import free_port, live_server
 from tests.support.sse import Streamed, stream
@@ -211,17 +212,20 @@ async def test_store_and_cluster_errors_name_no_host_port_or_driver_message(
     port = free_port()  # nothing listens there
     url = f"redis://127.0.0.1:{port}/0"
     store = await RedisStore.open(url, outage_s=0.2)
-    cluster = Cluster.from_url(url, settings)
-    run = Run("run_0000000000000001", "s1", max_events=10, resume_grace_s=1)
+    client = connect(url)
+    coordinator = RedisCoordinator(client, settings)
+    run_log = RedisRunLog(client, settings)
+    run_id, session = "run_0000000000000001", SessionRef("", "s1")
     calls: dict[str, Callable[[], Awaitable[object]]] = {
-        "load": lambda: store.load("s1"),
-        "append": lambda: store.append("s1", ()),
-        "delete": lambda: store.delete("s1"),
+        "load": lambda: store.load(SessionRef("", "s1")),
+        "append": lambda: store.append(SessionRef("", "s1"), ()),
+        "delete": lambda: store.delete(SessionRef("", "s1")),
         "list": lambda: store.list(),
-        "claim": lambda: cluster.claim(run),
-        "holder": lambda: cluster.holder("s1"),
-        "info": lambda: cluster.info(run.id),
-        "cancel": lambda: cluster.request_cancel(run.id),
+        "claim": lambda: coordinator.claim(run_id, session),
+        "holder": lambda: coordinator.holder(session),
+        "status": lambda: coordinator.status(run_id),
+        "cancel": lambda: coordinator.send(run_id, Message.CANCEL),
+        "open": lambda: run_log.open(run_id, 0, owner=""),
     }
     caplog.set_level(logging.WARNING)
     try:
@@ -231,7 +235,9 @@ async def test_store_and_cluster_errors_name_no_host_port_or_driver_message(
             assert failed.value.message == "The session store is unavailable.", name
             assert str(port) not in str(failed.value), name
     finally:
-        await cluster.close()
+        await coordinator.close()
+        await run_log.close()
+        await client.aclose()
         await store.close()
     # What failed, and where, is for the operator: in the log.
     assert f"127.0.0.1:{port}" in caplog.text

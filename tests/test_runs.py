@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from chatstream.config import Settings
+from chatstream.store.base import SessionRef
 from tests.support.proxy import cutting_proxy
 from tests.support.server import LiveServer, live_server
 from tests.support.sse import stream
@@ -144,7 +145,7 @@ async def test_cancel_stops_the_run_and_stores_the_partial_answer(slow_server: L
         watcher = asyncio.create_task(stream(http, "GET", "/api/chat/stream", params=params))
         # A second subscriber on the same run: both must get the CANCELLED error.
         await asyncio.sleep(0.3)
-        run = slow_server.runtime.runs.active_run("stop-1")
+        run = slow_server.runtime.runs.active_run(SessionRef("", "stop-1"))
         assert run is not None
         other = asyncio.create_task(
             stream(http, "GET", "/api/chat/stream", headers={"Last-Event-ID": f"{run.id}:0"})

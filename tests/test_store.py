@@ -11,7 +11,7 @@ import pytest
 from chatstream import messages as m
 from chatstream.messages import ToolCallRequest
 from chatstream.store import SessionStore, open_store
-from chatstream.store.base import scoped
+from chatstream.store.base import SessionRef
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -38,16 +38,18 @@ def a_turn(text: str) -> list[m.Message]:
 
 
 async def test_a_missing_session_is_none(store: SessionStore) -> None:
-    assert await store.load("nobody") is None
-    assert await store.delete("nobody") is False
+    assert await store.load(SessionRef("", "nobody")) is None
+    assert await store.delete(SessionRef("", "nobody")) is False
 
 
 async def test_turns_round_trip_in_order(store: SessionStore) -> None:
-    first = await store.append("s1", a_turn("what is 2+2?"))
+    first = await store.append(SessionRef("", "s1"), a_turn("what is 2+2?"))
     assert first.history_length == 2
-    second = await store.append("s1", [m.user("and again"), m.assistant("cut", interrupted=True)])
+    second = await store.append(
+        SessionRef("", "s1"), [m.user("and again"), m.assistant("cut", interrupted=True)]
+    )
     assert second.history_length == 4
-    loaded = await store.load("s1")
+    loaded = await store.load(SessionRef("", "s1"))
     assert loaded is not None
     assert [(x.role, x.content) for x in loaded.messages] == [
         ("user", "what is 2+2?"),
@@ -67,23 +69,23 @@ async def test_turns_round_trip_in_order(store: SessionStore) -> None:
 
 async def test_korean_and_odd_text_survive(store: SessionStore) -> None:
     text = '서울 날씨 🌧 "quoted" \n new line \r\n \u2028 \x00 end'
-    await store.append("k", [m.user(text), m.assistant(text)])
-    loaded = await store.load("k")
+    await store.append(SessionRef("", "k"), [m.user(text), m.assistant(text)])
+    loaded = await store.load(SessionRef("", "k"))
     assert loaded is not None and loaded.messages[0].content == text
 
 
 async def test_delete_removes_the_session(store: SessionStore) -> None:
-    await store.append("gone", a_turn("x"))
-    assert await store.delete("gone") is True
-    assert await store.load("gone") is None
+    await store.append(SessionRef("", "gone"), a_turn("x"))
+    assert await store.delete(SessionRef("", "gone")) is True
+    assert await store.load(SessionRef("", "gone")) is None
     assert [s.id for s in await store.list()] == []
 
 
 async def test_list_is_most_recent_first(store: SessionStore) -> None:
     for name in ("a", "b", "c"):
-        await store.append(name, [m.user(f"hello {name}"), m.assistant("hi")])
+        await store.append(SessionRef("", name), [m.user(f"hello {name}"), m.assistant("hi")])
         await asyncio.sleep(0.01)
-    await store.append("a", [m.user("again"), m.assistant("hi")])
+    await store.append(SessionRef("", "a"), [m.user("again"), m.assistant("hi")])
     summaries = await store.list(limit=2)
     assert [s.id for s in summaries] == ["a", "c"]
     assert summaries[0].title == "hello a"
@@ -91,9 +93,11 @@ async def test_list_is_most_recent_first(store: SessionStore) -> None:
 
 
 async def test_concurrent_appends_to_different_sessions(store: SessionStore) -> None:
-    await asyncio.gather(*(store.append(f"p{i}", a_turn(str(i))) for i in range(20)))
+    await asyncio.gather(
+        *(store.append(SessionRef("", f"p{i}"), a_turn(str(i))) for i in range(20))
+    )
     for i in range(20):
-        loaded = await store.load(f"p{i}")
+        loaded = await store.load(SessionRef("", f"p{i}"))
         assert loaded is not None and loaded.messages[0].content == str(i)
 
 
@@ -102,13 +106,13 @@ async def test_ping(store: SessionStore) -> None:
 
 
 async def test_owners_list_only_their_own_sessions(store: SessionStore) -> None:
-    await store.append("open-1", [m.user("anonymous"), m.assistant("hi")])
-    await store.append(scoped("kA", "same-id"), [m.user("from A"), m.assistant("hi")])
-    await store.append(scoped("kB", "same-id"), [m.user("from B"), m.assistant("hi")])
+    await store.append(SessionRef("", "open-1"), [m.user("anonymous"), m.assistant("hi")])
+    await store.append(SessionRef("kA", "same-id"), [m.user("from A"), m.assistant("hi")])
+    await store.append(SessionRef("kB", "same-id"), [m.user("from B"), m.assistant("hi")])
     assert [s.id for s in await store.list()] == ["open-1"]
     assert [(s.id, s.title) for s in await store.list(owner="kA")] == [("same-id", "from A")]
     assert [(s.id, s.title) for s in await store.list(owner="kB")] == [("same-id", "from B")]
-    assert await store.delete(scoped("kA", "same-id")) is True
+    assert await store.delete(SessionRef("kA", "same-id")) is True
     assert await store.list(owner="kA") == []
     assert [s.title for s in await store.list(owner="kB")] == ["from B"]
 
@@ -118,9 +122,11 @@ async def test_concurrent_turns_in_one_session_are_all_stored(
 ) -> None:
     # Many turns at once, several per session: none may be lost or break another.
     sessions = [f"c{i}" for i in range(8)]
-    await asyncio.gather(*(store.append(sessions[i % 8], a_turn(f"turn {i}")) for i in range(48)))
+    await asyncio.gather(
+        *(store.append(SessionRef("", sessions[i % 8]), a_turn(f"turn {i}")) for i in range(48))
+    )
     for name in sessions:
-        loaded = await store.load(name)
+        loaded = await store.load(SessionRef("", name))
         assert loaded is not None
         assert loaded.history_length == 12
         assert len(loaded.messages) == 24

@@ -10,6 +10,7 @@ import httpx
 import orjson
 
 from chatstream.config import Settings
+from chatstream.store.base import SessionRef
 from tests.fakes.open_meteo import run_fake_open_meteo
 from tests.support.server import LiveServer, live_server
 from tests.support.sse import Streamed, stream
@@ -205,7 +206,7 @@ async def test_busy_session_refuses_a_second_turn(settings: Settings) -> None:
 
 async def _wait_for_active(live: LiveServer, session_id: str) -> None:
     for _ in range(500):
-        if live.runtime.runs.active_run(session_id) is not None:
+        if live.runtime.runs.active_run(SessionRef("", session_id)) is not None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the first turn never started")

@@ -41,13 +41,18 @@ def root(
 class _Server(Server):
     """uvicorn, told about SIGTERM/SIGINT early enough to drain runs before connections close."""
 
-    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+    def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
-        self._app = app
         self._drain: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        runtime = getattr(self._app.state, "runtime", None)
+        from chatstream.server.runtime import runtime_in  # loaded by serve's create_app already
+
+        # The runtime is in the lifespan state that uvicorn keeps for the app, the same
+        # state every request gets: one way in, and none through the app object. uvicorn
+        # makes ``lifespan`` once serve() begins; a signal may come before.
+        lifespan = getattr(self, "lifespan", None)
+        runtime = None if lifespan is None else runtime_in(lifespan.state)
         if runtime is not None and self._drain is None and not self.should_exit:
             # Runs end their streams themselves (done, or SHUTTING_DOWN at the deadline);
             # uvicorn meanwhile stops accepting and waits for open connections to finish.
@@ -131,7 +136,7 @@ def serve(
         access_log=False,  # chatstream.http logs each request once, with more detail
         forwarded_allow_ips=forwarded_allow_ips,
     )
-    server = _Server(config, application)
+    server = _Server(config)
     server.run()
     if not server.started:
         raise typer.Exit(1)

@@ -196,8 +196,33 @@ def encode_token(content: str, *, event_id: str) -> bytes:
     return b"".join((b"id: ", event_id.encode(), b"\nevent: token\ndata: ", data, b"\n\n"))
 
 
+def encode_around_seq(event: Event, run_id: str) -> tuple[bytes, bytes]:
+    """``event``'s frame in run ``run_id`` split where its seq goes: ``before + seq + after``.
+
+    For a writer that learns the seq only where the frame is stored (a Redis script
+    appending after whatever the log holds), so the frame's bytes are still made here.
+    """
+    marker = "\x00seq\x00"
+    before, _, after = encode(event, event_id=f"{run_id}:{marker}").partition(marker.encode())
+    return before, after
+
+
+def decode_frame(frame: bytes) -> Event:
+    """The event of one encoded frame (as ``encode`` wrote it)."""
+    frames = FrameDecoder().feed(frame)
+    if len(frames) != 1:
+        raise ValueError("not exactly one SSE frame")
+    return parse_event(frames[0])
+
+
 def encode_retry(retry_ms: int) -> bytes:
     return b"retry: %d\n" % retry_ms
+
+
+def encode_cursor(run_id: str, seq: int) -> bytes:
+    """A frame with only an id: where a connection starts, so that a client that loses it
+    before the first event resumes from there (``Last-Event-ID``) instead of starting over."""
+    return b"id: %s:%d\n\n" % (run_id.encode(), seq)
 
 
 HEARTBEAT = b": ping\n\n"

@@ -1,36 +1,40 @@
 """Runs: turns that outlive the connection that started them.
 
-A ``Run`` is one turn in one session. It owns an append-only log of encoded SSE
-frames (seq 1, 2, …) and a set of subscribers. A subscriber is just a cursor
-into that log plus a wake-up flag, so a slow reader costs the server nothing
-but its cursor: it reads the shared log at its own pace while the socket's flow
-control holds it back, and it never has a queue of its own that could grow.
+A ``Run`` is one turn running in this process: its task, its log (``runlog.Log``), and
+why it was stopped, if it was. The connection that starts a run is only its log's first
+reader. When the last reader leaves, the run keeps going for a grace period so that it
+can be resumed (``Last-Event-ID``); if nobody comes back it is cancelled. A finished
+run's log is kept for ``run_ttl_s`` so that a late resume still gets its ending.
 
-The connection that starts a run is only its first subscriber. When the last
-one leaves, the run keeps going for a grace period so that it can be resumed
-(``Last-Event-ID``); if nobody comes back it is cancelled. A finished run's log
-is kept for ``run_ttl_s`` so that a late resume still gets its ending.
-
-``RunManager`` starts runs, finds them, enforces one active run per session,
-cancels them, and drains them on shutdown.
+``RunManager`` starts runs, opens their logs for readers, enforces one active run per
+session, cancels and drains them. It always has a ``RunLog`` (where logs are shared) and
+a ``Coordinator`` (who holds which session, runs' states, messages to a run's owner):
+in this process by default, in Redis for several instances. Which one it has changes
+nothing here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import secrets
 import time
 from collections.abc import Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from chatstream import messages as m
 from chatstream.agent import Agent, Turn
 from chatstream.config import Settings
+from chatstream.coordinator import (
+    Coordinator,
+    MemoryCoordinator,
+    Message,
+    RunState,
+    RunStatus,
+)
 from chatstream.errors import (
     ChatstreamError,
     ErrorCode,
@@ -40,29 +44,22 @@ from chatstream.errors import (
     ShuttingDown,
     StoreError,
 )
-from chatstream.events import Done, Error, Event, Token, ToolResult, encode, encode_token
+from chatstream.events import Done, Error, Token, ToolResult
 from chatstream.metrics import Metrics
-from chatstream.store.base import SessionStore, scoped
-
-if TYPE_CHECKING:
-    from chatstream.cluster import Cluster
+from chatstream.runlog import Entry, Log, MemoryRunLog, Reader, RunLog
+from chatstream.store.base import SessionRef, SessionStore
 
 log = logging.getLogger("chatstream.runs")
 T = TypeVar("T")
 
-
-class RunState(enum.StrEnum):
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
+__all__ = ["Run", "RunManager", "RunState", "RunStatus", "StopReason"]
 
 
 @dataclass(frozen=True, slots=True)
 class StopReason:
-    """Why a run was cancelled: the error event its subscribers get."""
+    """Why a run was cancelled: the error event its readers get."""
 
-    code: str
+    code: ErrorCode
     message: str
 
 
@@ -71,158 +68,67 @@ ABANDONED = StopReason(ErrorCode.CANCELLED, "Nobody was listening, so the run wa
 SHUTTING_DOWN = StopReason(
     ErrorCode.SHUTTING_DOWN, "The server is restarting; the partial answer was saved. Try again."
 )
-
-
-class Subscriber:
-    """A reader of one run's log: where it has read up to, and a flag to wake it."""
-
-    __slots__ = ("cursor", "wake")
-
-    def __init__(self, cursor: int) -> None:
-        self.cursor = cursor
-        self.wake = asyncio.Event()
+LOCK_LOST = StopReason(
+    ErrorCode.RUN_LOST,
+    "This server could not reach the session store for longer than a turn holds its session, "
+    "and the turn was given up for lost; it was stopped.",
+)
 
 
 class Run:
-    """One turn's event log, state and subscribers.
-
-    A run that another instance executes is seen here as a *replica*: the same
-    object, fed with frames read from the shared store, whose log starts after
-    ``first_seq`` (the point the resuming client asked for).
-    """
+    """One turn running in this process: its task, its log, and how it ends."""
 
     def __init__(
-        self,
-        run_id: str,
-        session_id: str,
-        *,
-        max_events: int,
-        resume_grace_s: float,
-        first_seq: int = 0,
-        owner: str = "",
+        self, run_id: str, session: SessionRef, log: Log, *, max_events: int, resume_grace_s: float
     ) -> None:
         self.id = run_id
-        self.session_id = session_id
-        self.owner = owner
+        self.session = session
+        self.log = log
         self.state = RunState.RUNNING
         self.created_at = time.time()
-        self.finished_at: float | None = None
         self.task: asyncio.Task[None] | None = None
         self.stop_reason: StopReason | None = None
-        self._frames: list[bytes] = []
-        self._offset = first_seq
-        self._subscribers: set[Subscriber] = set()
-        # Internal readers (the shared-store mirror): they wake like subscribers but
-        # do not keep a run alive for the grace period.
-        self._followers: set[Subscriber] = set()
-        self._max_events = max_events
-        self._resume_grace_s = resume_grace_s
-        self._grace_timer: asyncio.TimerHandle | None = None
-        self._finished = asyncio.Event()
         # Cleared once the turn is being stored: a cancel then would lose the write.
         self.stoppable = True
         # Set once the turn is in the store: the session then shows it, not the run.
         self.stored = False
-
-    # -- the log ---------------------------------------------------------------
-
-    @property
-    def store_key(self) -> str:
-        """The session's id in the store: callers with API keys each have their own ids."""
-        return scoped(self.owner, self.session_id)
+        self._max_events = max_events
+        self._resume_grace_s = resume_grace_s
+        self._grace_timer: asyncio.TimerHandle | None = None
+        self._finished = asyncio.Event()
+        log.on_idle = self._idle
 
     @property
-    def last_seq(self) -> int:
-        return self._offset + len(self._frames)
+    def session_id(self) -> str:
+        return self.session.id
 
     @property
     def finished(self) -> bool:
         return self.state is not RunState.RUNNING
 
-    def append(self, event: Event) -> None:
-        """Encode ``event`` once, add it to the log, and wake every reader."""
-        self.append_frame(self.encode_next(event))
-
-    def encode_next(self, event: Event) -> bytes:
-        """``event`` as the frame that would be appended next."""
-        event_id = f"{self.id}:{self.last_seq + 1}"
-        if type(event) is Token:
-            return encode_token(event.content, event_id=event_id)
-        return encode(event, event_id=event_id)
-
-    def append_frame(self, frame: bytes) -> None:
-        """Add an encoded frame (the next seq) and wake every reader."""
-        self._frames.append(frame)
-        for subscriber in self._subscribers:
-            subscriber.wake.set()
-        for follower in self._followers:
-            follower.wake.set()
+    @property
+    def last_seq(self) -> int:
+        return self.log.last_seq
 
     @property
     def full(self) -> bool:
         # One slot stays free for the terminal event.
-        return len(self._frames) >= self._max_events - 1
+        return len(self.log.entries) >= self._max_events - 1
 
-    def read(self, subscriber: Subscriber) -> list[bytes]:
-        """Frames the subscriber has not read yet; advances its cursor."""
-        frames = self._frames[subscriber.cursor :]
-        subscriber.cursor = len(self._frames)
-        return frames
-
-    def seq_of(self, subscriber: Subscriber) -> int:
-        """The seq of the last frame the subscriber has read."""
-        return self._offset + subscriber.cursor
-
-    def delivered(self, subscriber: Subscriber) -> bool:
-        """True once the subscriber has read the terminal event."""
-        return self.finished and subscriber.cursor >= len(self._frames)
-
-    def finish(self, event: Done | Error, state: RunState) -> None:
-        """Append the terminal event and mark the run over."""
-        self.append(event)
-        self.mark_finished(state)
+    @property
+    def status(self) -> RunStatus:
+        return RunStatus(self.id, self.session, self.state, self.log.last_seq)
 
     def mark_finished(self, state: RunState) -> None:
-        """Mark the run over; its terminal frame is already in the log."""
         self.state = state
-        self.finished_at = time.time()
         self._cancel_grace_timer()
         self._finished.set()
-        self.wake_followers()
 
     async def wait_finished(self) -> None:
         await self._finished.wait()
 
-    # -- subscribers -----------------------------------------------------------
-
-    def subscribe(self, after_seq: int = 0) -> Subscriber:
-        """Follow the log from just after ``after_seq``."""
-        self._cancel_grace_timer()
-        subscriber = Subscriber(min(max(after_seq - self._offset, 0), len(self._frames)))
-        self._subscribers.add(subscriber)
-        return subscriber
-
-    def follow(self) -> Subscriber:
-        """An internal reader from the start of the log; it does not count as a subscriber."""
-        follower = Subscriber(0)
-        self._followers.add(follower)
-        return follower
-
-    def unfollow(self, follower: Subscriber) -> None:
-        self._followers.discard(follower)
-
-    def wake_followers(self) -> None:
-        for follower in self._followers:
-            follower.wake.set()
-
-    def unsubscribe(self, subscriber: Subscriber) -> None:
-        self._subscribers.discard(subscriber)
-        if not self._subscribers and not self.finished:
-            loop = asyncio.get_running_loop()
-            self._grace_timer = loop.call_later(self._resume_grace_s, self._abandon)
-
     def cancel(self, reason: StopReason) -> bool:
-        """Ask the run's task to stop; its subscribers get ``reason`` as an error event."""
+        """Ask the run's task to stop; its readers get ``reason`` as an error event."""
         if self.finished or self.task is None or not self.stoppable:
             return False
         if self.stop_reason is None:
@@ -230,9 +136,17 @@ class Run:
         self.task.cancel()
         return True
 
+    def _idle(self) -> None:
+        # The last reader left: the run goes on for the grace period, then stops.
+        if self.finished:
+            return
+        self._cancel_grace_timer()
+        loop = asyncio.get_running_loop()
+        self._grace_timer = loop.call_later(self._resume_grace_s, self._abandon)
+
     def _abandon(self) -> None:
         self._grace_timer = None
-        if not self._subscribers:
+        if not self.log.readers:
             log.info("run %s abandoned after %.0f s without readers", self.id, self._resume_grace_s)
             self.cancel(ABANDONED)
 
@@ -240,21 +154,6 @@ class Run:
         if self._grace_timer is not None:
             self._grace_timer.cancel()
             self._grace_timer = None
-
-
-def _store_unavailable(exc: ChatstreamError) -> StoreError:
-    # What failed (a host, a port, a driver's words) is for the log, not for the client.
-    log.warning("session store unavailable: %s", exc.message)
-    return StoreError("The session store is unavailable; try again shortly.")
-
-
-def frame_event(frame: bytes) -> bytes:
-    """The event type of an encoded frame (its second line is ``event: <type>``)."""
-    start = frame.index(b"\nevent: ") + 8
-    return frame[start : frame.index(b"\n", start)]
-
-
-TERMINAL_FRAMES = (b"done", b"error")
 
 
 def new_run_id() -> str:
@@ -265,20 +164,14 @@ def new_session_id() -> str:
     return "s_" + secrets.token_hex(8)
 
 
-@dataclass(frozen=True, slots=True)
-class RunStatus:
-    """What the API says about a run."""
-
-    run_id: str
-    session_id: str
-    state: str
-    last_seq: int
-    # Whether the run was stopped (for a cancel: whether this request stopped it).
-    cancelled: bool = False
+def _store_unavailable(exc: ChatstreamError) -> StoreError:
+    # What failed (a host, a port, a driver's words) is for the log, not for the client.
+    log.warning("session store unavailable: %s", exc.message)
+    return StoreError("The session store is unavailable; try again shortly.")
 
 
 class RunManager:
-    """Starts, finds, cancels and drains runs: this process's, and with a cluster, all of them."""
+    """Starts, opens, cancels and drains runs, over a run log and a coordinator."""
 
     def __init__(
         self,
@@ -286,18 +179,20 @@ class RunManager:
         agent: Agent,
         store: SessionStore,
         settings: Settings,
-        cluster: Cluster | None = None,
+        log: RunLog | None = None,
+        coordinator: Coordinator | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.agent = agent
-        self.metrics = metrics or Metrics()
-        self.metrics.track_active_runs(lambda: len(self._active))
         self.store = store
         self.settings = settings
-        self.cluster = cluster
-        if cluster is not None:
-            cluster.listen_for_cancels(lambda run_id: self.cancel_local(run_id, STOPPED))
+        self.log: RunLog = log or MemoryRunLog(ttl_s=settings.run_ttl_s)
+        self.coordinator: Coordinator = coordinator or MemoryCoordinator(ttl_s=settings.run_ttl_s)
+        self.coordinator.listen(self._on_message)
+        self.metrics = metrics or Metrics()
+        self.metrics.track_active_runs(lambda: len(self._active))
         self.accepting = True
+        # Runs of this process by id (until their log expires) and by session while active.
         self._runs: dict[str, Run] = {}
         self._active: dict[str, Run] = {}
         self._expiry: dict[str, asyncio.TimerHandle] = {}
@@ -310,30 +205,8 @@ class RunManager:
         """A run this process executes (or executed, until it expires)."""
         return self._runs.get(run_id)
 
-    def active_run(self, session_id: str) -> Run | None:
-        return self._active.get(session_id)
-
-    async def find(self, run_id: str, after_seq: int = 0, *, owner: str = "") -> Run | None:
-        """A run to read from ``after_seq`` on: local, or a replica of another instance's.
-
-        A run of another caller is not found, as if it did not exist.
-        """
-        run = self._runs.get(run_id)
-        if run is None and self.cluster is not None:
-            run = await self._shared(self.cluster.replica(run_id, after_seq))
-        if run is not None and run.owner != owner:
-            return None
-        return run
-
-    async def active_run_id(self, store_key: str) -> str | None:
-        """The run busy in a session (by its store key), on any instance."""
-        run = self._active.get(store_key)
-        if run is not None:
-            # Once stored, the turn is in the session: a reader must not also replay the run.
-            return None if run.stored else run.id
-        if self.cluster is not None:
-            return await self._shared(self.cluster.holder(store_key))
-        return None
+    def active_run(self, session: SessionRef) -> Run | None:
+        return self._active.get(session.key)
 
     async def _shared(self, call: Awaitable[T]) -> T:
         try:
@@ -341,48 +214,77 @@ class RunManager:
         except ChatstreamError as exc:
             raise _store_unavailable(exc) from exc
 
-    async def start(
-        self, session_id: str, message: str, *, enable_tools: bool = True, owner: str = ""
-    ) -> Run:
+    async def open(self, run_id: str, after_seq: int, *, caller: str) -> Reader | None:
+        """A reader of a run's events after ``after_seq``, wherever the run runs.
+
+        None when nothing is left to read: the run is unknown, expired, another caller's
+        (as if it did not exist), or already read to its end.
+        """
+        run = self._runs.get(run_id)
+        if run is not None:
+            if not run.session.owned_by(caller):
+                return None
+            log_of_run: Log | None = run.log
+        else:
+            log_of_run = await self._shared(self.log.open(run_id, after_seq, owner=caller))
+        if log_of_run is None:
+            return None
+        reader = log_of_run.reader(after_seq)
+        if reader.delivered:
+            reader.close()
+            return None
+        return reader
+
+    async def active_run_id(self, session: SessionRef) -> str | None:
+        """The run busy in a session, on any instance."""
+        run = self._active.get(session.key)
+        if run is not None:
+            # Once stored, the turn is in the session: a reader must not also replay the run.
+            return None if run.stored else run.id
+        return await self._shared(self.coordinator.holder(session))
+
+    async def start(self, session: SessionRef, message: str, *, enable_tools: bool = True) -> Run:
         """Start a turn in a session; refuse when that session already has one running."""
         if not self.accepting:
             raise ShuttingDown("The server is shutting down and takes no new turns.")
-        key = scoped(owner, session_id)
-        if key in self._active:
+        busy = self._active.get(session.key)
+        if busy is not None:
             raise SessionBusy(
-                f"Session {session_id!r} already has a turn running "
-                f"(run {self._active[key].id}); wait for it, resume it or cancel it."
+                f"Session {session.id!r} already has a turn running "
+                f"(run {busy.id}); wait for it, resume it or cancel it."
             )
+        run_id = new_run_id()
         run = Run(
-            new_run_id(),
-            session_id,
+            run_id,
+            session,
+            self.log.create(run_id, session),
             max_events=self.settings.run_log_max_events,
             resume_grace_s=self.settings.resume_grace_s,
-            owner=owner,
         )
         # Claim the session before the first await, so two requests cannot both start.
-        self._active[key] = run
+        self._active[session.key] = run
         self._runs[run.id] = run
         claimed = False
         try:
-            if self.cluster is not None:
-                holder = await self.cluster.claim(run)
-                if holder is not None:
-                    raise SessionBusy(
-                        f"Session {session_id!r} already has a turn running (run {holder}); "
-                        "wait for it, resume it or cancel it."
-                    )
-                claimed = True
-            session = await self.store.load(key)
+            holder = await self.coordinator.claim(run.id, session)
+            if holder is not None:
+                raise SessionBusy(
+                    f"Session {session.id!r} already has a turn running (run {holder}); "
+                    "wait for it, resume it or cancel it."
+                )
+            claimed = True
+            stored = await self.store.load(session)
         except BaseException as exc:
             self._release(run)
             self._runs.pop(run.id, None)
-            if claimed and self.cluster is not None:
-                await self.cluster.release(run)
+            self.log.expire(run.id)
+            if claimed:
+                with contextlib.suppress(ChatstreamError):
+                    await self.coordinator.release(RunStatus(run.id, session, RunState.FAILED))
             if isinstance(exc, ChatstreamError) and not isinstance(exc, Refused):
                 raise _store_unavailable(exc) from exc
             raise
-        history = session.messages[-self.settings.max_history_messages :] if session else ()
+        history = stored.messages[-self.settings.max_history_messages :] if stored else ()
         # A trimmed history must not start inside a tool round: begin at a user message.
         while history and history[0].role != "user":
             history = history[1:]
@@ -390,9 +292,12 @@ class RunManager:
         run.task = asyncio.create_task(
             self._drive(run, history, turn, enable_tools), name=f"chatstream-{run.id}"
         )
-        if self.cluster is not None:
-            self.cluster.attach(run)
+        self.coordinator.keep(run.id, session, on_lost=lambda: self._lost(run))
         return run
+
+    def _lost(self, run: Run) -> None:
+        if run.cancel(LOCK_LOST):
+            log.warning("run %s: stopped, another run holds its session", run.id)
 
     async def _drive(
         self, run: Run, history: tuple[m.Message, ...], turn: Turn, enable_tools: bool
@@ -410,7 +315,7 @@ class RunManager:
                 aclosing(self.agent.run(history, turn, enable_tools=enable_tools)) as events,
             ):
                 async for event in events:
-                    run.append(event)
+                    run.log.append(event)
                     if type(event) is Token:
                         tokens += 1
                         if tokens == 1:
@@ -461,7 +366,7 @@ class RunManager:
             terminal = outcome
         else:
             try:
-                session = await self.store.append(run.store_key, turn.to_store())
+                session = await self.store.append(run.session, turn.to_store())
                 run.stored = True
             except Exception:
                 log.exception("run %s: storing the turn failed", run.id)
@@ -475,26 +380,32 @@ class RunManager:
                     state = RunState.DONE
                 else:
                     terminal = outcome
-        frame = run.encode_next(terminal)
+        ending: Entry | None = None
         try:
-            if self.cluster is not None:
-                # Shared state first: a client that sends its next turn the moment it
-                # reads ``done`` must find the session free on every instance.
-                await self.cluster.finish(run, frame, state)
+            # Shared state first: a client that sends its next turn the moment it reads
+            # the ending must find the session free on every instance.
+            ending = await self.log.finish(run.log, terminal)
+            if ending.event is not terminal:
+                state = RunState.FAILED  # the shared log ended otherwise (RUN_LOST)
+            await self.coordinator.release(RunStatus(run.id, run.session, state, ending.seq))
         finally:
-            run.append_frame(frame)
+            run.log.end(ending or run.log.next_entry(terminal))
             run.mark_finished(state)
             self._release(run)
             loop = asyncio.get_running_loop()
             self._expiry[run.id] = loop.call_later(self.settings.run_ttl_s, self._expire, run.id)
 
     def _release(self, run: Run) -> None:
-        if self._active.get(run.store_key) is run:
-            del self._active[run.store_key]
+        if self._active.get(run.session.key) is run:
+            del self._active[run.session.key]
 
     def _expire(self, run_id: str) -> None:
         self._expiry.pop(run_id, None)
         self._runs.pop(run_id, None)
+
+    def _on_message(self, run_id: str, message: Message) -> None:
+        if message is Message.CANCEL:
+            self.cancel_local(run_id, STOPPED)
 
     def cancel_local(self, run_id: str, reason: StopReason = STOPPED) -> Run | None:
         """Stop a run this process executes; None when it executes no such run."""
@@ -503,65 +414,52 @@ class RunManager:
             run.cancel(reason)
         return run
 
-    async def cancel(self, run_id: str, *, owner: str = "") -> RunStatus | None:
-        """Stop a run wherever it runs and wait for its end; None when no such run is known."""
+    async def cancel(self, run_id: str, *, caller: str) -> tuple[RunStatus, bool] | None:
+        """Stop a run wherever it runs and wait for its end: its state, and whether this
+        request stopped it; None when no such run is known (to this caller)."""
         run = self._runs.get(run_id)
-        if run is not None and run.owner != owner:
-            return None
         if run is not None:
+            if not run.session.owned_by(caller):
+                return None
             cancelled = run.cancel(STOPPED)
             if cancelled:
                 await run.wait_finished()
-            return RunStatus(run.id, run.session_id, run.state.value, run.last_seq, cancelled)
-        if self.cluster is None:
+            return run.status, cancelled
+        status = await self._shared(self.coordinator.status(run_id))
+        if status is None or not status.session.owned_by(caller):
             return None
-        info = await self._shared(self.cluster.info(run_id))
-        if info is None or info.get("owner_key", "") != owner:
-            return None
-        cancelled = info["state"] == "running"
-        if cancelled:
-            await self._shared(self.cluster.request_cancel(run_id))
-            deadline = time.monotonic() + 10
-            while info is not None and info["state"] == "running" and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-                info = await self._shared(self.cluster.info(run_id))
-        if info is None:
-            return None
-        return RunStatus(
-            run_id, info["session"], info["state"], int(info.get("last_seq", 0)), cancelled
-        )
+        if status.state is not RunState.RUNNING:
+            return status, False
+        await self._shared(self.coordinator.send(run_id, Message.CANCEL))
+        # Its owner ends it, or, if the owner is gone, a reader declares it lost within
+        # about two lock TTLs: either way its log gets an ending.
+        reader = await self.open(run_id, status.last_seq, caller=caller)
+        if reader is not None:
+            try:
+                async with asyncio.timeout(2 * self.settings.lock_ttl_s + 2):
+                    while not reader.delivered:
+                        reader.read()
+                        await reader.wait()
+            except TimeoutError:
+                log.warning("run %s did not end within the cancel's wait", run_id)
+            finally:
+                reader.close()
+        return (await self._shared(self.coordinator.status(run_id))) or status, True
 
-    async def status(self, run_id: str, *, owner: str = "") -> RunStatus | None:
+    async def status(self, run_id: str, *, caller: str) -> RunStatus | None:
         """A run's state, wherever it runs."""
         run = self._runs.get(run_id)
         if run is not None:
-            if run.owner != owner:
-                return None
-            return RunStatus(
-                run.id,
-                run.session_id,
-                run.state.value,
-                run.last_seq,
-                cancelled=run.state is RunState.CANCELLED,
-            )
-        if self.cluster is None:
+            return run.status if run.session.owned_by(caller) else None
+        status = await self._shared(self.coordinator.status(run_id))
+        if status is None or not status.session.owned_by(caller):
             return None
-        info = await self._shared(self.cluster.info(run_id))
-        if info is None or info.get("owner_key", "") != owner:
-            return None
-        state = info["state"]
-        return RunStatus(
-            run_id,
-            info["session"],
-            state,
-            int(info.get("last_seq", 0)),
-            cancelled=state == RunState.CANCELLED.value,
-        )
+        return status
 
     async def drain(self, deadline_s: float) -> None:
         """Take no new turns; let running ones finish up to the deadline; cancel the rest."""
         self.accepting = False
-        running = [r for r in self._active.values()]
+        running = list(self._active.values())
         if not running:
             return
         log.info("draining %d running turn(s), up to %.0f s", len(running), deadline_s)
@@ -577,9 +475,11 @@ class RunManager:
                     await run.task
 
     async def close(self) -> None:
-        """Cancel everything still running and forget every run (server shutdown)."""
+        """Cancel everything still running, forget every run, close the log and coordinator."""
         await self.drain(0)
         for handle in self._expiry.values():
             handle.cancel()
         self._expiry.clear()
         self._runs.clear()
+        await self.coordinator.close()
+        await self.log.close()

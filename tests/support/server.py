@@ -14,9 +14,10 @@ import uvicorn
 from fastapi import FastAPI
 
 from chatstream.config import Settings
-from chatstream.server.app import Runtime, create_app
+from chatstream.server.app import create_app
 from chatstream.server.listener import Server
 from chatstream.server.protocol import uvicorn_config
+from chatstream.server.runtime import Runtime, runtime_in
 
 
 def free_port() -> int:
@@ -34,7 +35,9 @@ class LiveServer:
 
     @property
     def runtime(self) -> Runtime:
-        runtime: Runtime = self.app.state.runtime
+        """What the app's lifespan handed the server (the state requests read)."""
+        runtime = runtime_in(self.server.lifespan.state)
+        assert runtime is not None, "the server has not started"
         return runtime
 
     def call(self, coro: object) -> object:

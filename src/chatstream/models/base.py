@@ -37,7 +37,7 @@ ModelEvent = TextDelta | ToolCallRequest | Usage
 
 
 class Model(Protocol):
-    """An LLM behind one streaming method.
+    """An LLM behind one streaming method, warmed up before the first request.
 
     ``stream`` yields text deltas as they arrive, then each complete tool call
     the model asked for, then (when the provider reports it) usage. It raises
@@ -51,6 +51,13 @@ class Model(Protocol):
     def stream(
         self, messages: Sequence[Message], tools: Sequence[ToolSpec]
     ) -> AsyncGenerator[ModelEvent, None]: ...
+
+    async def warm_up(self, tools: Sequence[ToolSpec]) -> None:
+        """Pay at start-up what the first request would (weights, the prompt ``tools`` open).
+
+        Called once, before the server takes requests; a hosted model has nothing to do.
+        """
+        ...
 
     async def aclose(self) -> None:
         """Release clients, threads or weights held by the model."""

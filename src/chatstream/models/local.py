@@ -3,8 +3,8 @@
 ``LocalModel()`` runs the pinned default weights (see ``weights.py``);
 ``LocalModel(path)`` runs any GGUF with a chat template. The weights load lazily, on the
 first request, in the worker thread (0.3-1 s once the file is assembled; assembling it
-from the packages on the very first run adds a couple of seconds); call ``await
-model.load()`` to pay for it at startup instead.
+from the packages on the very first run adds a couple of seconds); ``await
+model.warm_up(tools)`` pays for it at startup instead, as the server does.
 
 How it works, and where it departs from a hosted provider:
 
@@ -141,7 +141,7 @@ class LocalModel:
         self._shapes: npt.NDArray[np.int8] | None = None
         self._running: set[threading.Event] = set()
 
-    async def load(self, tools: Sequence[ToolSpec] = ()) -> None:
+    async def warm_up(self, tools: Sequence[ToolSpec] = ()) -> None:
         """Load the weights now rather than on the first request.
 
         With ``tools``, also evaluate the system prompt that a conversation offering them

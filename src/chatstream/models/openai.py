@@ -299,6 +299,9 @@ class OpenAIModel:
         reader = ChatCompletionsReader(self.name)
         return stream_events(self._client, body, reader, self.name)
 
+    async def warm_up(self, tools: Sequence[ToolSpec]) -> None:
+        """Nothing to do: the model runs at the provider; the first request connects."""
+
     async def aclose(self) -> None:
         """Close the HTTP client and its pooled connections."""
         await self._client.aclose()

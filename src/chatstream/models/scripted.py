@@ -61,6 +61,9 @@ class ScriptedModel:
         self.name = "scripted"
         self.delay_s = delay_s
 
+    async def warm_up(self, tools: Sequence[ToolSpec]) -> None:
+        """Nothing to load."""
+
     async def aclose(self) -> None:
         """Nothing to release."""
 

@@ -1,62 +1,24 @@
-"""``create_app(settings)``: the FastAPI application and what it holds while it runs."""
+"""``create_app(settings)``: the FastAPI application; ``runtime.py`` holds what it serves."""
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.staticfiles import StaticFiles
 
 from chatstream import __version__
-from chatstream.agent import Agent
-from chatstream.cluster import Cluster
 from chatstream.config import Settings
-from chatstream.metrics import Metrics
-from chatstream.models import Model, resolve
-from chatstream.runs import RunManager
 from chatstream.server import errors, routes
-from chatstream.server.auth import KeyRing
-from chatstream.server.limits import BodyLimit, StreamSlots, TurnRate
+from chatstream.server.limits import BodyLimit
 from chatstream.server.origin import CorsPolicy, OriginGuard, is_loopback
 from chatstream.server.requestlog import RequestLog
-from chatstream.store import SessionStore, open_store
-from chatstream.tools import default_tools
+from chatstream.server.runtime import State, build_runtime
 
 log = logging.getLogger("chatstream.server")
-
-
-@dataclass(slots=True)
-class Runtime:
-    """What a running server holds: settings, model, store, tools, runs."""
-
-    settings: Settings
-    model: Model
-    store: SessionStore
-    agent: Agent
-    runs: RunManager
-    metrics: Metrics
-    keys: KeyRing
-    turn_rate: TurnRate
-    slots: StreamSlots
-    started_at: float
-
-    async def begin_shutdown(self) -> None:
-        """Stop taking turns; let running ones finish up to the deadline, then cancel them."""
-        await self.runs.drain(self.settings.shutdown_grace_s)
-
-
-def open_cluster(settings: Settings) -> Cluster | None:
-    """Shared runs and locks when the store is Redis; None for a single-instance store."""
-    if not settings.store.startswith(("redis://", "rediss://", "unix://")):
-        return None
-    from chatstream.cluster import Cluster
-
-    return Cluster.from_url(settings.store, settings)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -64,67 +26,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        keys = KeyRing.load(settings.api_keys, settings.api_keys_file)
-        model = resolve(settings.model)
-        store = await open_store(settings.store)
-        cluster = open_cluster(settings)
-        tools = default_tools()
-        agent = Agent(
-            model,
-            tools,
-            max_tool_rounds=settings.max_tool_rounds,
-            tool_timeout_s=settings.tool_timeout_s,
-            tool_settings=settings,
-        )
-        metrics = Metrics()
-        runtime = Runtime(
-            settings=settings,
-            model=model,
-            store=store,
-            agent=agent,
-            runs=RunManager(
-                agent=agent, store=store, settings=settings, cluster=cluster, metrics=metrics
-            ),
-            metrics=metrics,
-            keys=keys,
-            turn_rate=TurnRate(settings.turns_per_minute),
-            slots=StreamSlots(
-                settings.max_streams_per_key,
-                settings.max_streams_total,
-                on_change=metrics.active_streams.set,
-            ),
-            started_at=time.monotonic(),
-        )
-        app.state.runtime = runtime
-        warm_up = getattr(model, "load", None)
-        if warm_up is not None:
-            # The embedded model loads its weights and reads the system prompt once here,
-            # so the first user does not wait for it (a few seconds on two cores).
-            started = time.monotonic()
-            await warm_up(tools.specs())
-            log.info("model %s ready in %.1f s", model.name, time.monotonic() - started)
-        if settings.allowed_hosts and not is_loopback(settings.host):
-            log.warning(
-                "CHATSTREAM_ALLOWED_HOSTS is checked only on a loopback bind; on %s every "
-                "Host is answered",
-                settings.host,
+    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
+        async with build_runtime(settings) as runtime:
+            if settings.allowed_hosts and not is_loopback(settings.host):
+                log.warning(
+                    "CHATSTREAM_ALLOWED_HOSTS is checked only on a loopback bind; on %s every "
+                    "Host is answered",
+                    settings.host,
+                )
+            log.info(
+                "chatstream %s serving model %s%s with store %s",
+                __version__,
+                runtime.model.name,
+                " (a scripted test double, not a real model)"
+                if runtime.model.name == "scripted"
+                else "",
+                runtime.store.name,
             )
-        log.info(
-            "chatstream %s serving model %s%s with store %s",
-            __version__,
-            model.name,
-            " (a scripted test double, not a real model)" if model.name == "scripted" else "",
-            store.name,
-        )
-        try:
-            yield
-        finally:
-            await runtime.runs.close()
-            if cluster is not None:
-                await cluster.close()
-            await model.aclose()
-            await store.close()
+            # Handlers read it as request.state.runtime (runtime_of); whoever holds the
+            # server reads the same state from uvicorn (runtime_in), so nothing is kept on
+            # the app object itself.
+            yield {"runtime": runtime}
 
     # fastapi-offline serves Swagger UI and ReDoc from its own package, so /docs and /redoc
     # work with no network (FastAPI's own pages load them from a CDN).

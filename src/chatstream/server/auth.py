@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import dataclass
 from pathlib import Path
 
 from starlette.requests import Request
 
 from chatstream.errors import Unauthorized
+from chatstream.store.base import SessionRef
 
 QUERY_PARAMETER = "access_token"
 
@@ -28,6 +30,23 @@ QUERY_PARAMETER = "access_token"
 def digest(key: str) -> str:
     """The SHA-256 hex digest chatstream stores for a key."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sends a request: the API key's id ("" when keys are off), and from where."""
+
+    id: str
+    address: str
+
+    def session(self, session_id: str) -> SessionRef:
+        """One of the caller's sessions: each key has its own namespace of ids."""
+        return SessionRef(self.id, session_id)
+
+    @property
+    def identity(self) -> str:
+        """Whom limits count against: the key, or without keys the client's address."""
+        return self.id or f"ip:{self.address}"
 
 
 class KeyRing:
@@ -65,10 +84,11 @@ class KeyRing:
             found |= hmac.compare_digest(candidate, known)
         return "k" + candidate[:16] if found else None
 
-    def caller(self, request: Request) -> str:
-        """The caller's id ("" when keys are off); 401 for a missing or wrong key."""
+    def caller(self, request: Request) -> Caller:
+        """Who sends the request; 401 for a missing or wrong key."""
+        address = request.client.host if request.client else "unknown"
         if not self.enabled:
-            return ""
+            return Caller("", address)
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         key = token.strip() if scheme.lower() == "bearer" else ""
@@ -80,4 +100,4 @@ class KeyRing:
                 if not key
                 else "The API key is not valid."
             )
-        return identity
+        return Caller(identity, address)

@@ -24,12 +24,14 @@ from chatstream.errors import (
     Refused,
     SessionBusy,
 )
-from chatstream.events import Done, Error, FrameDecoder, Transcript, parse_event
+from chatstream.events import Done, Error, Transcript
 from chatstream.messages import Message
 from chatstream.metrics import CONTENT_TYPE
-from chatstream.runs import Run, RunStatus, new_session_id
-from chatstream.server.app_state import runtime_of
+from chatstream.runlog import Reader
+from chatstream.runs import Run, RunState, RunStatus, new_session_id
+from chatstream.server.auth import Caller
 from chatstream.server.errors import TURN_FAILURE_STATUS, error_response
+from chatstream.server.runtime import runtime_of
 from chatstream.server.schemas import (
     ChatRequest,
     ChatResponse,
@@ -46,7 +48,6 @@ from chatstream.server.schemas import (
     ToolOut,
 )
 from chatstream.server.sse import EventStream
-from chatstream.store.base import scoped
 
 router = APIRouter()
 _bearer = HTTPBearer(
@@ -58,12 +59,12 @@ _bearer = HTTPBearer(
 async def _caller(
     request: Request,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> str:
+) -> Caller:
     return runtime_of(request).keys.caller(request)
 
 
-Caller = Annotated[str, Depends(_caller)]
-"""The caller's id: "" when the server has no keys; 401 for a missing or wrong key."""
+CallerDep = Annotated[Caller, Depends(_caller)]
+"""Who sends the request, resolved once; 401 for a missing or wrong key."""
 STATIC = Path(__file__).parent / "static"
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # ``<runId>:<seq>``. Any id of that shape is looked up (an unknown run answers 204, as the
@@ -113,7 +114,7 @@ _STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
 )
 async def stream_get(
     request: Request,
-    caller: Caller,
+    caller: CallerDep,
     message: Annotated[str | None, Query(description="The user's message.")] = None,
     sessionId: Annotated[str | None, Query(description="Session to continue.")] = None,
     enableTools: Annotated[bool, Query(description="true/false/1/0")] = True,
@@ -137,7 +138,7 @@ async def stream_get(
 )
 async def stream_post(
     request: Request,
-    caller: Caller,
+    caller: CallerDep,
     body: ChatRequest | None = None,
     lastEventId: Annotated[str | None, Query()] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
@@ -155,7 +156,7 @@ async def stream_post(
 
 async def _stream(
     request: Request,
-    caller: str,
+    caller: Caller,
     message: str | None,
     session_id: str | None,
     enable_tools: bool,
@@ -164,26 +165,30 @@ async def _stream(
     runtime = runtime_of(request)
     settings = runtime.settings
     if last_event_id:
-        run, after = await _resumable(request, caller, last_event_id)
-        if run is None:
+        reader = await _resumable(request, caller, last_event_id)
+        if reader is None:
             return Response(status_code=204)
-        release = runtime.slots.acquire(_identity(request, caller))
+        try:
+            release = runtime.slots.acquire(caller.identity)
+        except Refused:
+            reader.close()
+            raise
     else:
         text, session_id = _validate_turn(message, session_id, settings.max_message_chars)
         run, release = await _start_turn(request, caller, text, session_id, enable_tools)
-        after = 0
+        reader = run.log.reader(0)
+    log = reader.log
     return EventStream(
-        run,
-        after_seq=after,
+        reader,
         heartbeat_s=settings.heartbeat_s,
         retry_ms=settings.retry_ms,
-        headers={"X-Session-Id": run.session_id, "X-Run-Id": run.id},
+        headers={"X-Session-Id": log.session.id, "X-Run-Id": log.run_id},
         on_close=release,
     )
 
 
 async def _start_turn(
-    request: Request, caller: str, text: str, session_id: str, enable_tools: bool
+    request: Request, caller: Caller, text: str, session_id: str, enable_tools: bool
 ) -> tuple[Run, Callable[[], None]]:
     """Start a turn within the caller's limits; the run, and the release of its slot.
 
@@ -191,7 +196,7 @@ async def _start_turn(
     against the open-stream limits while the caller waits for it.
     """
     runtime = runtime_of(request)
-    identity = _identity(request, caller)
+    identity = caller.identity
     refund = runtime.turn_rate.check(identity)
     try:
         release = runtime.slots.acquire(identity)
@@ -199,7 +204,7 @@ async def _start_turn(
         refund()
         raise
     try:
-        run = await runtime.runs.start(session_id, text, enable_tools=enable_tools, owner=caller)
+        run = await runtime.runs.start(caller.session(session_id), text, enable_tools=enable_tools)
     except BaseException:
         # A turn refused here (busy session, store down) is not counted.
         release()
@@ -226,13 +231,6 @@ async def _hang_up(request: Request) -> None:
         pass
 
 
-def _identity(request: Request, caller: str) -> str:
-    """Whom limits count against: the API key's caller, or the client's address."""
-    if caller:
-        return caller
-    return f"ip:{request.client.host}" if request.client else "ip:unknown"
-
-
 def _validate_turn(message: str | None, session_id: str | None, max_chars: int) -> tuple[str, str]:
     if message is None or not message.strip():
         raise InvalidRequest(
@@ -247,18 +245,15 @@ def _validate_turn(message: str | None, session_id: str | None, max_chars: int) 
     return message, session_id
 
 
-async def _resumable(request: Request, caller: str, last_event_id: str) -> tuple[Run | None, int]:
-    """The run to resume and the seq to resume after; None when nothing is left to send."""
+async def _resumable(request: Request, caller: Caller, last_event_id: str) -> Reader | None:
+    """A reader of the run to resume, after the seq asked for; None when nothing is left."""
     match = EVENT_ID.fullmatch(last_event_id.strip())
     if match is None:
         raise InvalidRequest(
             "`Last-Event-ID` must look like <runId>:<seq> (a seq of at most 18 digits), as sent."
         )
     seq = int(match.group(2))
-    run = await runtime_of(request).runs.find(match.group(1), seq, owner=caller)
-    if run is None or (run.finished and seq >= run.last_seq):
-        return None, seq
-    return run, seq
+    return await runtime_of(request).runs.open(match.group(1), seq, caller=caller.id)
 
 
 # -- runs --------------------------------------------------------------------------
@@ -271,8 +266,12 @@ async def _resumable(request: Request, caller: str, last_event_id: str) -> tuple
     summary="Stop a run now (the stop button)",
     tags=["chat"],
 )
-async def cancel_run(request: Request, caller: Caller, run_id: str) -> RunOut:
-    return _run_out(run_id, await runtime_of(request).runs.cancel(run_id, owner=caller))
+async def cancel_run(request: Request, caller: CallerDep, run_id: str) -> RunOut:
+    outcome = await runtime_of(request).runs.cancel(run_id, caller=caller.id)
+    if outcome is None:
+        return _run_out(run_id, None)
+    status, cancelled = outcome
+    return _run_out(run_id, status, cancelled=cancelled)
 
 
 @router.get(
@@ -282,20 +281,21 @@ async def cancel_run(request: Request, caller: Caller, run_id: str) -> RunOut:
     summary="A run's state",
     tags=["chat"],
 )
-async def get_run(request: Request, caller: Caller, run_id: str) -> RunOut:
-    return _run_out(run_id, await runtime_of(request).runs.status(run_id, owner=caller))
+async def get_run(request: Request, caller: CallerDep, run_id: str) -> RunOut:
+    return _run_out(run_id, await runtime_of(request).runs.status(run_id, caller=caller.id))
 
 
-def _run_out(run_id: str, status: RunStatus | None) -> RunOut:
+def _run_out(run_id: str, status: RunStatus | None, *, cancelled: bool | None = None) -> RunOut:
     """The run's state; 404 when it is unknown, expired, or another caller's."""
     if status is None:
         raise NotFound(f"No run {run_id!r} is known (or it expired).", code=ErrorCode.RUN_NOT_FOUND)
     return RunOut(
         runId=status.run_id,
-        sessionId=status.session_id,
+        sessionId=status.session.id,
         state=status.state,
         lastSeq=status.last_seq,
-        cancelled=status.cancelled,
+        # A cancel says whether it stopped the run; a look says whether it was stopped.
+        cancelled=status.state is RunState.CANCELLED if cancelled is None else cancelled,
     )
 
 
@@ -309,27 +309,27 @@ def _run_out(run_id: str, status: RunStatus | None) -> RunOut:
     summary="Run a turn and answer when it is over (no streaming)",
     tags=["chat"],
 )
-async def chat(request: Request, caller: Caller, body: ChatRequest) -> ChatResponse | Response:
+async def chat(request: Request, caller: CallerDep, body: ChatRequest) -> ChatResponse | Response:
     runtime = runtime_of(request)
     text, session_id = _validate_turn(
         body.message, body.sessionId, runtime.settings.max_message_chars
     )
     run, release = await _start_turn(request, caller, text, session_id, body.enableTools)
-    # The caller is the run's subscriber while it waits, as a stream's reader is: one that
-    # hangs up leaves the run to the resume grace period, then it is cancelled.
-    subscriber = run.subscribe(0)
+    # The caller is a reader of the run while it waits, as a stream's is: one that hangs
+    # up leaves the run to the resume grace period, then it is cancelled.
+    reader = run.log.reader(0)
     try:
         if not await _finished_unless_gone(request, run):
             # Nobody reads this answer; the request log shows it as the client's hang-up.
             raise ClientGone("The client went away before the answer.")
-        frames = FrameDecoder().feed(b"".join(run.read(subscriber)))
+        entries = reader.read()
     finally:
-        run.unsubscribe(subscriber)
+        reader.close()
         release()
     transcript = Transcript()
     end = None
-    for frame in frames:
-        end = transcript.add(parse_event(frame)) or end
+    for entry in entries:
+        end = transcript.add(entry.event) or end
     if isinstance(end, Done):
         results = {r.id: r for r in transcript.results}
         calls = [
@@ -376,9 +376,9 @@ def _message_out(message: Message) -> MessageOut:
     tags=["sessions"],
 )
 async def list_sessions(
-    request: Request, caller: Caller, limit: Annotated[int, Query(ge=1, le=500)] = 50
+    request: Request, caller: CallerDep, limit: Annotated[int, Query(ge=1, le=500)] = 50
 ) -> SessionListOut:
-    summaries = await runtime_of(request).store.list(limit=limit, owner=caller)
+    summaries = await runtime_of(request).store.list(limit=limit, owner=caller.id)
     sessions = [
         SessionSummaryOut(
             sessionId=s.id,
@@ -400,11 +400,11 @@ async def list_sessions(
     summary="A session's messages",
     tags=["sessions"],
 )
-async def get_session(request: Request, caller: Caller, session_id: str) -> SessionOut:
+async def get_session(request: Request, caller: CallerDep, session_id: str) -> SessionOut:
     runtime = runtime_of(request)
-    key = scoped(caller, session_id)
-    session = await runtime.store.load(key)
-    active = await runtime.runs.active_run_id(key)
+    ref = caller.session(session_id)
+    session = await runtime.store.load(ref)
+    active = await runtime.runs.active_run_id(ref)
     if session is None:
         if active is None:
             raise NotFound(f"No session {session_id!r}.")
@@ -440,13 +440,13 @@ async def get_session(request: Request, caller: Caller, session_id: str) -> Sess
     summary="Clear a session",
     tags=["sessions"],
 )
-async def delete_session(request: Request, caller: Caller, session_id: str) -> DeletedOut:
+async def delete_session(request: Request, caller: CallerDep, session_id: str) -> DeletedOut:
     runtime = runtime_of(request)
-    key = scoped(caller, session_id)
-    active = await runtime.runs.active_run_id(key)
+    ref = caller.session(session_id)
+    active = await runtime.runs.active_run_id(ref)
     if active is not None:
         raise SessionBusy(f"Session {session_id!r} has a turn running (run {active}).")
-    if not await runtime.store.delete(key):
+    if not await runtime.store.delete(ref):
         raise NotFound(f"No session {session_id!r}.")
     return DeletedOut(sessionId=session_id, deleted=True)
 
@@ -455,7 +455,7 @@ async def delete_session(request: Request, caller: Caller, session_id: str) -> D
 
 
 @router.get("/api/tools", response_model=ToolListOut, summary="The tools", tags=["meta"])
-async def list_tools(request: Request, caller: Caller) -> ToolListOut:
+async def list_tools(request: Request, caller: CallerDep) -> ToolListOut:
     tools = [
         ToolOut(name=t.name, description=t.description, parameters=t.parameters)
         for t in runtime_of(request).agent.tools
@@ -487,7 +487,7 @@ async def health(request: Request, response: Response) -> HealthOut:
     tags=["meta"],
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
-async def metrics(request: Request, caller: Caller) -> Response:
+async def metrics(request: Request, caller: CallerDep) -> Response:
     return Response(runtime_of(request).metrics.render(), media_type=CONTENT_TYPE)
 
 

@@ -1,4 +1,4 @@
-"""The event-stream response: one subscriber of a run, written to one connection.
+"""The event-stream response: one reader of a run's log, written to one connection.
 
 A raw ASGI response rather than ``StreamingResponse``: it writes every frame the
 run has ready in one ``send`` (several tokens that arrived together cost one
@@ -16,8 +16,8 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from chatstream.events import HEARTBEAT, encode_retry
-from chatstream.runs import Run
+from chatstream.events import HEARTBEAT, encode_cursor, encode_retry
+from chatstream.runlog import Reader
 
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -27,21 +27,19 @@ HEADERS = [
 
 
 class EventStream(Response):
-    """Stream a run's events after ``after_seq`` until its terminal event or a disconnect."""
+    """Stream a reader's entries until the run's terminal event or a disconnect."""
 
     def __init__(
         self,
-        run: Run,
+        reader: Reader,
         *,
-        after_seq: int = 0,
         heartbeat_s: float,
         retry_ms: int,
         headers: dict[str, str] | None = None,
         on_close: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
-        self.run = run
-        self.after_seq = after_seq
+        self.reader = reader
         self.heartbeat_s = heartbeat_s
         self.retry_ms = retry_ms
         self.on_close = on_close
@@ -51,11 +49,10 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stats: dict[str, Any] = scope.setdefault("state", {}).setdefault("stream", {})
-        stats.update(events=0, first_event_s=None, run_id=self.run.id)
+        reader = self.reader
+        stats.update(events=0, first_event_s=None, run_id=reader.log.run_id)
         started = time.perf_counter()
-        run = self.run
-        subscriber = run.subscribe(self.after_seq)
-        wake = subscriber.wake
+        wake = reader.wake
         gone = False
         last_write = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -89,26 +86,22 @@ class EventStream(Response):
             # Before any event: the retry delay, and the id to resume from. An EventSource
             # that loses the line before the first event then reconnects with
             # Last-Event-ID (and resumes) instead of sending the turn again.
-            preamble = encode_retry(self.retry_ms) + b"id: %s:%d\n\n" % (
-                run.id.encode(),
-                run.seq_of(subscriber),
-            )
+            preamble = encode_retry(self.retry_ms) + encode_cursor(reader.log.run_id, reader.seq)
             await send({"type": "http.response.body", "body": preamble, "more_body": True})
             while not gone:
                 wake.clear()
-                frames = run.read(subscriber)
-                if frames:
+                entries = reader.read()
+                if entries:
                     if stats["first_event_s"] is None:
                         stats["first_event_s"] = time.perf_counter() - started
-                    stats["events"] += len(frames)
-                    await send(
-                        {"type": "http.response.body", "body": b"".join(frames), "more_body": True}
-                    )
+                    stats["events"] += len(entries)
+                    body = b"".join([e.frame for e in entries])
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
                     last_write = time.monotonic()
-                    if run.delivered(subscriber):
+                    if reader.delivered:
                         break
                     continue
-                if run.delivered(subscriber):
+                if reader.delivered:
                     break
                 if time.monotonic() - last_write >= self.heartbeat_s * 0.99:
                     await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
@@ -122,7 +115,7 @@ class EventStream(Response):
             if timer is not None:
                 timer.cancel()
             watcher.cancel()
-            run.unsubscribe(subscriber)
+            reader.close()
             if self.on_close is not None:
                 self.on_close()
             stats["disconnected"] = gone

@@ -2,28 +2,47 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 from chatstream.store.base import Session, SessionStore, SessionSummary
 
-__all__ = ["Session", "SessionStore", "SessionSummary", "open_store"]
+__all__ = ["Session", "SessionStore", "SessionSummary", "StoreURL", "open_store"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreURL:
+    """A store URL read once: which backend, and where (a SQLite path, or the Redis URL)."""
+
+    backend: Literal["sqlite", "redis"]
+    location: str
+
+    @classmethod
+    def parse(cls, url: str) -> StoreURL:
+        """Read ``url``; raise ``ValueError`` for a scheme chatstream lacks."""
+        if url.startswith("sqlite:///"):
+            return cls("sqlite", url.removeprefix("sqlite:///") or "chatstream.db")
+        if url == "sqlite://" or url == "sqlite::memory:":
+            return cls("sqlite", ":memory:")
+        if url.startswith(("redis://", "rediss://", "unix://")):
+            return cls("redis", url)
+        scheme = url.partition(":")[0]
+        raise ValueError(
+            f"unsupported store URL {url!r} (scheme {scheme!r}); use sqlite:///path/to/file.db or redis://host:port/db"
+        )
 
 
 async def open_store(url: str) -> SessionStore:
-    """Open the store a URL names; raise ``ValueError`` for a scheme chatstream lacks."""
-    if url.startswith("sqlite:///"):
-        from chatstream.store.sqlite import SQLiteStore
+    """Open the store a URL names, on a connection of its own; ``ValueError`` as ``parse``.
 
-        return await SQLiteStore.open(url.removeprefix("sqlite:///") or "chatstream.db")
-    if url == "sqlite://" or url == "sqlite::memory:":
-        from chatstream.store.sqlite import SQLiteStore
+    A server opens its own from the parsed URL instead, to share one Redis client with its
+    runs (``chatstream.server.runtime``).
+    """
+    where = StoreURL.parse(url)
+    if where.backend == "redis":
+        from chatstream.store.redis import RedisStore
 
-        return await SQLiteStore.open(":memory:")
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        try:
-            from chatstream.store.redis import RedisStore
-        except ImportError as exc:
-            raise ValueError(f"a redis:// store needs redis-py ({exc})") from None
-        return await RedisStore.open(url)
-    scheme = url.partition(":")[0]
-    raise ValueError(
-        f"unsupported store URL {url!r} (scheme {scheme!r}); use sqlite:///path/to/file.db or redis://host:port/db"
-    )
+        return await RedisStore.open(where.location)
+    from chatstream.store.sqlite import SQLiteStore
+
+    return await SQLiteStore.open(where.location)

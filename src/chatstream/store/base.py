@@ -9,15 +9,29 @@ from typing import Protocol
 from chatstream.messages import Message, history_length
 
 
-def scoped(owner: str, session_id: str) -> str:
-    """A session id in its owner's namespace; '/' never occurs in a public id."""
-    return f"{owner}/{session_id}" if owner else session_id
+@dataclass(frozen=True, slots=True)
+class SessionRef:
+    """A session as its owner names it: who owns it ("" without API keys), and its id.
 
+    Each API key has its own namespace of session ids; ``key`` is the one string that
+    stores and shared state file it under ('/' never occurs in a public id).
+    """
 
-def unscoped(store_key: str) -> tuple[str, str]:
-    """``(owner, session_id)`` of a store key."""
-    owner, _, session_id = store_key.rpartition("/")
-    return owner, session_id
+    owner: str
+    id: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.owner}/{self.id}" if self.owner else self.id
+
+    def owned_by(self, caller: str) -> bool:
+        """Whether ``caller`` may see the session (and its runs): the one visibility rule."""
+        return self.owner == caller
+
+    @classmethod
+    def from_key(cls, key: str) -> SessionRef:
+        owner, _, session_id = key.rpartition("/")
+        return cls(owner, session_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,15 +64,15 @@ class SessionStore(Protocol):
 
     name: str
 
-    async def load(self, session_id: str) -> Session | None:
+    async def load(self, ref: SessionRef) -> Session | None:
         """The session, or None when there is none by that id."""
         ...
 
-    async def append(self, session_id: str, messages: Sequence[Message]) -> Session:
+    async def append(self, ref: SessionRef, messages: Sequence[Message]) -> Session:
         """Add messages at the end of a session, creating it if needed; return it whole."""
         ...
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, ref: SessionRef) -> bool:
         """Remove a session; False when there was none."""
         ...
 

@@ -37,7 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chatstream.errors import StoreError
 from chatstream.messages import Message
-from chatstream.store.base import Session, SessionSummary, scoped, unscoped
+from chatstream.store.base import Session, SessionRef, SessionSummary
 
 log = logging.getLogger("chatstream.store")
 T = TypeVar("T")
@@ -97,33 +97,53 @@ return 1
 """
 
 
+def connect(url: str) -> Redis:
+    """The client (one connection pool) that everything of chatstream's on one Redis shares.
+
+    It connects lazily, so the server starts even while Redis is down, and reports it; a
+    stalled Redis must not hang a call forever (XREAD blocks for at most 1 s).
+    """
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        health_check_interval=10,
+        retry=RECONNECT_ONCE,
+    )
+
+
 class RedisStore:
-    """Sessions in Redis; opened with ``await RedisStore.open(url)``."""
+    """Sessions in Redis, on a client shared with runs; ``await RedisStore.open(url)`` alone.
+
+    ``close`` closes the client only when the store opened it itself: a client handed in
+    belongs to whoever handed it in (the server's runtime shares one with the cluster).
+    """
 
     name = "redis"
 
-    def __init__(self, redis: Redis, *, prefix: str = "chatstream", outage_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str = "chatstream",
+        outage_s: float = 10.0,
+        owns_client: bool = False,
+    ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.outage_s = outage_s
+        self._owns_client = owns_client
         self._append = redis.register_script(_APPEND)
 
     @classmethod
     async def open(
         cls, url: str, *, prefix: str = "chatstream", outage_s: float = 10.0
     ) -> RedisStore:
-        """Connect lazily: the server starts even while Redis is down, and reports it.
+        """A store on a client of its own (see ``connect``), closed with the store.
 
         A turn's write waits up to ``outage_s`` for Redis to come back.
         """
-        redis = Redis.from_url(
-            url,
-            socket_connect_timeout=2,
-            socket_timeout=5,
-            health_check_interval=10,
-            retry=RECONNECT_ONCE,
-        )
-        return cls(redis, prefix=prefix, outage_s=outage_s)
+        return cls(connect(url), prefix=prefix, outage_s=outage_s, owns_client=True)
 
     def _session(self, session_id: str) -> str:
         return f"{self.prefix}:session:{session_id}"
@@ -132,8 +152,9 @@ class RedisStore:
         """The sorted set of one owner's sessions by last activity."""
         return f"{self.prefix}:sessions:{owner}" if owner else f"{self.prefix}:sessions"
 
-    async def load(self, session_id: str) -> Session | None:
+    async def load(self, ref: SessionRef) -> Session | None:
         """The session with its messages in order, or None."""
+        session_id = ref.key
         try:
             meta, bodies = await self._read(session_id)
         except (RedisError, OSError) as exc:
@@ -161,8 +182,9 @@ class RedisStore:
             last_activity=float(meta[b"last_activity"]),
         )
 
-    async def append(self, session_id: str, messages: Sequence[Message]) -> Session:
+    async def append(self, ref: SessionRef, messages: Sequence[Message]) -> Session:
         """Add a turn's messages in one transaction and return the whole session."""
+        session_id = ref.key
         now = time.time()
         key = self._session(session_id)
         title = next((m.content[:80] for m in messages if m.role == "user"), "")
@@ -170,7 +192,7 @@ class RedisStore:
             orjson.dumps((m if m.created_at is not None else replace(m, created_at=now)).to_dict())
             for m in messages
         ]
-        owner, public_id = unscoped(session_id)
+        owner, public_id = ref.owner, ref.id
         keys = [
             key,
             f"{key}:log",
@@ -194,14 +216,14 @@ class RedisStore:
             raise unavailable(what, RuntimeError("the session vanished while it was written"))
         return session
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, ref: SessionRef) -> bool:
         """Remove a session and its messages."""
+        session_id = ref.key
         key = self._session(session_id)
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.delete(key, f"{key}:log")
-                owner, public_id = unscoped(session_id)
-                pipe.zrem(self._index(owner), public_id)
+                pipe.zrem(self._index(ref.owner), ref.id)
                 deleted, _ = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise unavailable(f"deleting session {session_id!r}", exc) from exc
@@ -213,7 +235,7 @@ class RedisStore:
             ids = cast("list[bytes]", await self.redis.zrevrange(self._index(owner), 0, limit - 1))
             async with self.redis.pipeline(transaction=False) as pipe:
                 for raw in ids:
-                    key = self._session(scoped(owner, raw.decode()))
+                    key = self._session(SessionRef(owner, raw.decode()).key)
                     pipe.hgetall(key)
                     pipe.llen(f"{key}:log")
                 replies: list[Any] = await pipe.execute()
@@ -241,5 +263,6 @@ class RedisStore:
             return False
 
     async def close(self) -> None:
-        """Close the connection pool."""
-        await self.redis.aclose()
+        """Close the connection pool, when it is the store's own."""
+        if self._owns_client:
+            await self.redis.aclose()

@@ -22,7 +22,7 @@ import orjson
 
 from chatstream.errors import StoreError
 from chatstream.messages import Message
-from chatstream.store.base import Session, SessionSummary, unscoped
+from chatstream.store.base import Session, SessionRef, SessionSummary
 
 SCHEMA_VERSION = 1
 T = TypeVar("T")
@@ -129,8 +129,9 @@ class SQLiteStore:
         messages = tuple(Message.from_dict(orjson.loads(body)) for (body,) in bodies)
         return Session(session_id, messages, created_at=row[0], last_activity=row[1])
 
-    async def load(self, session_id: str) -> Session | None:
+    async def load(self, ref: SessionRef) -> Session | None:
         """The session with its messages in order, or None."""
+        session_id = ref.key
         return await self._run(
             lambda: self._load(session_id), f"could not read session {session_id!r}"
         )
@@ -165,8 +166,9 @@ class SQLiteStore:
         assert session is not None
         return session
 
-    async def append(self, session_id: str, messages: Sequence[Message]) -> Session:
+    async def append(self, ref: SessionRef, messages: Sequence[Message]) -> Session:
         """Add a turn's messages in one transaction and return the whole session."""
+        session_id = ref.key
         return await self._run(
             lambda: self._append(session_id, messages), f"could not write session {session_id!r}"
         )
@@ -176,8 +178,9 @@ class SQLiteStore:
             cursor = self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
         return cursor.rowcount > 0
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, ref: SessionRef) -> bool:
         """Remove a session and its messages."""
+        session_id = ref.key
         return await self._run(
             lambda: self._delete(session_id), f"could not delete session {session_id!r}"
         )
@@ -195,7 +198,7 @@ class SQLiteStore:
         rows = await self._run(
             lambda: self._db.execute(query, (*args, limit)).fetchall(), "could not list sessions"
         )
-        return [SessionSummary(unscoped(r[0])[1], r[1], r[2], r[3], r[4]) for r in rows]
+        return [SessionSummary(SessionRef.from_key(r[0]).id, r[1], r[2], r[3], r[4]) for r in rows]
 
     async def ping(self) -> bool:
         """Run a trivial query."""

@@ -1,0 +1,206 @@
+"""``RedisCoordinator``: sessions' locks, runs' records and messages to runs, in Redis.
+
+A session's lock names the run busy in it and expires unless its owner renews it, so a
+crashed instance's sessions free themselves. Redis may stall or restart (losing every key)
+under a live owner; the lock must not silently vanish then: when renewing finds it gone,
+the owner takes it back if nobody else did, and the run log re-sends what Redis lost. When
+another run holds it by then, or a follower already declared the run lost, the owner is
+told (``on_lost``) and stops its run with ``RUN_LOST``: it must not write over the newer
+turn. Renewing retries while Redis is unreachable, and the owner's last writes outlast a
+short outage (``store.redis.outlast``). Fencing a write already under way when the lock is
+lost needs tokens, which come with the PostgreSQL store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from chatstream.cluster.scripts import RELEASE, RENEW, Keys, read_run
+from chatstream.config import Settings
+from chatstream.coordinator import Handler, Message, RunStatus
+from chatstream.store.base import SessionRef
+from chatstream.store.redis import outlast, unavailable
+
+log = logging.getLogger("chatstream.cluster")
+
+
+class RedisCoordinator:
+    """Claims, records and messages shared by every instance on one Redis."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        *,
+        keys: Keys | None = None,
+        on_reclaimed: Callable[[str], None] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys or Keys()
+        self.instance = secrets.token_hex(4)
+        self.lock_ttl_ms = int(settings.lock_ttl_s * 1000)
+        # How long a run's record and log live without news from its owner, and after its end.
+        self._run_ttl_ms = int(settings.run_ttl_s * 1000) + self.lock_ttl_ms
+        self._ended_ttl_ms = int(settings.run_ttl_s * 1000)
+        # How long the owner's last writes wait for Redis: as long as its lock would hold.
+        self._outage_s = max(settings.lock_ttl_s, 2.0)
+        # Told when a lock Redis had lost was taken back: the log may need re-sending.
+        self.on_reclaimed = on_reclaimed
+        self._renew = redis.register_script(RENEW)
+        self._release = redis.register_script(RELEASE)
+        self._kept: dict[str, asyncio.Task[None]] = {}
+        self._listener: asyncio.Task[None] | None = None
+
+    def _record(self, run_id: str, session: SessionRef) -> dict[str, str]:
+        """The fixed fields of a run's shared record."""
+        return {
+            "session": session.id,
+            "key": session.key,
+            "owner_key": session.owner,
+            "instance": self.instance,
+        }
+
+    async def claim(self, run_id: str, session: SessionRef) -> str | None:
+        lock = self.keys.lock(session.key)
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.set(lock, run_id, nx=True, px=self.lock_ttl_ms)
+                pipe.get(lock)
+                claimed, holder = await pipe.execute()
+            holder_id = cast(bytes, holder).decode() if holder else "unknown"
+            # A reconnection may re-send the SET after it was applied: the lock is ours then.
+            if not claimed and holder_id != run_id:
+                return holder_id
+            record = self.keys.record(run_id)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                fields: dict[Any, Any] = {**self._record(run_id, session), "state": "running"}
+                pipe.hset(record, mapping=fields)
+                pipe.pexpire(record, self._run_ttl_ms)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise unavailable(f"run {run_id}: claiming session {session.key!r}", exc) from exc
+        return None
+
+    def keep(self, run_id: str, session: SessionRef, on_lost: Callable[[], None]) -> None:
+        self._kept[run_id] = asyncio.create_task(
+            self._keep_alive(run_id, session, on_lost), name=f"chatstream-lock-{run_id}"
+        )
+
+    async def _keep_alive(
+        self, run_id: str, session: SessionRef, on_lost: Callable[[], None]
+    ) -> None:
+        keys = [self.keys.lock(session.key), self.keys.record(run_id), self.keys.log(run_id)]
+        record = self._record(run_id, session)
+        args: list[Any] = [run_id, self.lock_ttl_ms, self._run_ttl_ms, *record.values()]
+        interval = self.lock_ttl_ms / 3000
+        delay = interval
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                held = int(await self._renew(keys=keys, args=args))
+            except Exception as exc:
+                # Redis unreachable (or anything else): the lock must outlive it, so this
+                # task must too. Try again sooner than usual, before the lock expires.
+                log.warning("run %s: renewing the session lock failed (%s)", run_id, exc)
+                delay = min(interval, 0.1 if delay >= interval else delay * 2)
+                continue
+            delay = interval
+            if held == 2:
+                log.warning(
+                    "run %s: the session lock was gone (Redis restarted, or stalled past "
+                    "the lock TTL); took it back",
+                    run_id,
+                )
+                if self.on_reclaimed is not None:
+                    self.on_reclaimed(run_id)
+            elif held == 0:
+                log.warning("run %s: another run holds its session's lock", run_id)
+                on_lost()
+                return
+
+    async def release(self, status: RunStatus) -> None:
+        kept = self._kept.pop(status.run_id, None)
+        if kept is not None:
+            kept.cancel()
+        record = self.keys.record(status.run_id)
+
+        async def record_end() -> None:
+            # Safe to repeat: plain sets, and a release that checks whose lock it is.
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(record, mapping={"state": status.state, "last_seq": status.last_seq})
+                pipe.pexpire(self.keys.log(status.run_id), self._ended_ttl_ms)
+                pipe.pexpire(record, self._ended_ttl_ms)
+                await pipe.execute()
+            await self._release(keys=[self.keys.lock(status.session.key)], args=[status.run_id])
+
+        what = f"run {status.run_id}: recording its end"
+        try:
+            await outlast(record_end, within_s=self._outage_s, what=what)
+        except (RedisError, OSError) as exc:
+            # The lock expires by itself within its TTL.
+            log.warning("%s in Redis failed (%s)", what, exc)
+
+    async def holder(self, session: SessionRef) -> str | None:
+        try:
+            holder = await self.redis.get(self.keys.lock(session.key))
+        except (RedisError, OSError) as exc:
+            raise unavailable(f"reading the lock of session {session.key!r}", exc) from exc
+        return cast(bytes, holder).decode() if holder else None
+
+    async def status(self, run_id: str) -> RunStatus | None:
+        """A run's record; ``last_seq`` is where its log ends (a record says it at the end)."""
+        record = await read_run(self.redis, self.keys, run_id)
+        if record is None:
+            return None
+        return RunStatus(run_id, record.session, record.state, record.last_seq)
+
+    async def send(self, run_id: str, message: Message) -> None:
+        try:
+            await self.redis.publish(self.keys.messages, f"{message}:{run_id}")
+        except (RedisError, OSError) as exc:
+            raise unavailable(f"sending {message} to run {run_id}", exc) from exc
+
+    def listen(self, handler: Handler) -> None:
+        self._listener = asyncio.create_task(self._listen(handler), name="chatstream-messages")
+
+    async def _listen(self, handler: Handler) -> None:
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.keys.messages)
+                while True:
+                    received = await pubsub.get_message(timeout=1.0)
+                    if received is None or received["type"] != "message":
+                        continue
+                    kind, _, run_id = bytes(received["data"]).decode().partition(":")
+                    with contextlib.suppress(ValueError):
+                        handler(run_id, Message(kind))
+            except (RedisError, OSError) as exc:
+                log.warning("message listener lost Redis (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._listener, *self._kept.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._kept.clear()

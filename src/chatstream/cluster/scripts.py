@@ -1,0 +1,172 @@
+"""The keys chatstream keeps in Redis for runs, and the Lua scripts that change them atomically.
+
+Keys (``<p>`` is the prefix, ``chatstream``):
+
+* ``<p>:lock:<session key>``  the session's busy lock: the running run's id; set if absent,
+  with an expiry the owner renews while the run lives. A crashed owner's lock expires.
+* ``<p>:run:<runId>``         hash: session, key, owner_key, instance, state; last_seq once
+  it ended (while it runs, its log's last entry says where it is).
+* ``<p>:run:<runId>:log``     a Redis Stream of the run's encoded frames (field ``f``) and
+  event types (``t``), entry id ``<seq>-0``, capped with MAXLEN, expiring with the run.
+* ``<p>:messages``            pub/sub channel: ``<message>:<runId>``, heard by every instance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from chatstream.coordinator import RunState
+from chatstream.store.base import SessionRef
+from chatstream.store.redis import unavailable
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Where each thing lives in Redis."""
+
+    prefix: str = "chatstream"
+
+    def lock(self, session_key: str) -> str:
+        return f"{self.prefix}:lock:{session_key}"
+
+    def record(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{run_id}"
+
+    def log(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{run_id}:log"
+
+    @property
+    def messages(self) -> str:
+        return f"{self.prefix}:messages"
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """A run as Redis knows it: its session, state, and the seq its log ends at."""
+
+    session: SessionRef
+    state: RunState
+    last_seq: int
+
+
+async def read_run(redis: Redis, keys: Keys, run_id: str) -> RunRecord | None:
+    """A run's record; None when Redis knows no such run; ``StoreError`` when it is down.
+
+    The record says ``last_seq`` only once the run ended; while it runs, the log's last
+    entry says where it is.
+    """
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.record(run_id))
+            pipe.xrevrange(keys.log(run_id), count=1)
+            meta, last = await pipe.execute()
+    except (RedisError, OSError) as exc:
+        raise unavailable(f"reading run {run_id}", exc) from exc
+    fields = {k.decode(): v.decode() for k, v in cast("dict[bytes, bytes]", meta).items()}
+    if not fields:
+        return None
+    logged = int(last[0][0].split(b"-")[0]) if last else 0
+    return RunRecord(
+        SessionRef(fields.get("owner_key", ""), fields["session"]),
+        RunState(fields["state"]),
+        max(logged, int(fields.get("last_seq", 0))),
+    )
+
+
+# Where a run's log ends: the seq of its last entry (0 when it has none) and whether that
+# entry is the run's ending. The scripts below start with it.
+_LOG_END = """
+local function log_end(key)
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if not last[1] then return 0, false end
+  local seq = tonumber(string.match(last[1][1], '^(%d+)'))
+  local fields = last[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 't' and (fields[i + 1] == 'done' or fields[i + 1] == 'error') then
+      return seq, true
+    end
+  end
+  return seq, false
+end
+"""
+
+# Append ``error RUN_LOST`` after the last frame, unless the log already ended. The frame's
+# bytes come from ``events.encode_around_seq``: the script only puts the seq between them.
+# KEYS[1] the log, KEYS[2] the record; ARGV[1] the seq the caller has seen, ARGV[2] the
+# frame before its seq, ARGV[3] the frame after it, ARGV[4] how long the run stays (ms).
+DECLARE_LOST = (
+    _LOG_END
+    + """
+local seq, ended = log_end(KEYS[1])
+if ended then return 0 end
+-- A log that Redis lost ends before what the caller has seen.
+seq = math.max(seq, tonumber(ARGV[1])) + 1
+redis.call('XADD', KEYS[1], seq .. '-0', 't', 'error', 'f', ARGV[2] .. seq .. ARGV[3])
+redis.call('HSET', KEYS[2], 'state', 'failed', 'last_seq', seq)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return seq
+"""
+)
+
+# Delete a lock only while it still names this run.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# Extend the lock, and the run's record and log with it (a run may outlive the TTL they were
+# given at its start). A lock that is gone (expired in a stall, or lost in a restart) is taken
+# back with the run's record, unless the log has ended: a follower declared the run lost.
+# KEYS[1] the lock, KEYS[2] the record, KEYS[3] the log; ARGV[1] run id, ARGV[2] lock TTL,
+# ARGV[3] run TTL (ms), ARGV[4..7] the record's session, key, owner_key and instance.
+# Returns 1 when the lock was held, 2 when it was taken back, 0 when the run is lost.
+RENEW = (
+    _LOG_END
+    + """
+local holder = redis.call('GET', KEYS[1])
+local held = 1
+if not holder then
+  local _, ended = log_end(KEYS[3])
+  if ended then return 0 end
+  redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+  redis.call('HSET', KEYS[2], 'session', ARGV[4], 'key', ARGV[5], 'owner_key', ARGV[6],
+             'instance', ARGV[7], 'state', 'running')
+  held = 2
+elseif holder ~= ARGV[1] then
+  return 0
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+return held
+"""
+)
+
+# Append a batch of frames to a run's log so that the log never has a gap: entries it already
+# holds are skipped (a retried batch), and nothing is written after a hole (Redis lost the
+# entries before the batch) or after the log's ending (a follower declared the run lost).
+# KEYS[1] the log; ARGV[1] the first frame's seq, ARGV[2] the cap, then each frame's event
+# type and the frame. Returns the seq the log ends at, or -1 when it has ended.
+APPEND_LOG = (
+    _LOG_END
+    + """
+local have, ended = log_end(KEYS[1])
+if ended then return -1 end
+local first = tonumber(ARGV[1])
+if have < first - 1 then return have end
+for i = 3, #ARGV, 2 do
+  local seq = first + (i - 3) / 2
+  if seq > have then
+    redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], seq .. '-0', 't', ARGV[i], 'f', ARGV[i + 1])
+    have = seq
+  end
+end
+return have
+"""
+)

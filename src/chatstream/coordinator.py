@@ -1,0 +1,144 @@
+"""Who runs what: sessions' busy claims, runs' states, and messages to a run's owner.
+
+A session takes one turn at a time: the run that starts a turn ``claim``s the session,
+``keep``s the claim while it runs and ``release``s it at the end, recording how the run
+ended. Any instance may ask who holds a session, what state a run is in, and ``send`` a
+message (a stop request, an approval's answer) to whichever instance runs it, which hears
+it through ``listen``.
+
+``MemoryCoordinator`` does this within one process; the Redis one (``chatstream.cluster``)
+across every instance that shares a Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from chatstream.store.base import SessionRef
+
+
+class RunState(enum.StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class RunStatus:
+    """What any instance can learn about a run."""
+
+    run_id: str
+    session: SessionRef
+    state: RunState
+    last_seq: int = 0
+
+
+class Message(enum.StrEnum):
+    """What one instance may ask of the instance that runs a turn."""
+
+    CANCEL = "cancel"
+
+
+# A message's handler: the run it is for, and the message.
+Handler = Callable[[str, Message], None]
+
+
+class Coordinator(Protocol):
+    """Sessions' claims, runs' states and messages to runs, wherever they run."""
+
+    async def claim(self, run_id: str, session: SessionRef) -> str | None:
+        """Make the session busy with ``run_id``; the holding run's id when it is busy."""
+        ...
+
+    def keep(self, run_id: str, session: SessionRef, on_lost: Callable[[], None]) -> None:
+        """Hold the claim while the run lives; ``on_lost`` when another run took the session."""
+        ...
+
+    async def release(self, status: RunStatus) -> None:
+        """The run is over, or never started: record its end and free its session."""
+        ...
+
+    async def holder(self, session: SessionRef) -> str | None:
+        """The id of the run busy in the session, if any."""
+        ...
+
+    async def status(self, run_id: str) -> RunStatus | None:
+        """A run's state, until its record expires; None when no such run is known."""
+        ...
+
+    async def send(self, run_id: str, message: Message) -> None:
+        """Deliver ``message`` to the instance that runs ``run_id`` (nothing if none does)."""
+        ...
+
+    def listen(self, handler: Handler) -> None:
+        """Hear the messages sent to runs of this instance."""
+        ...
+
+    async def ping(self) -> bool:
+        """True when the shared state answers."""
+        ...
+
+    async def close(self) -> None:
+        """Stop listening and keeping claims; release connections."""
+        ...
+
+
+class MemoryCoordinator:
+    """Claims and states in this process; an ended run's record lives ``ttl_s``."""
+
+    def __init__(self, *, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._holders: dict[str, str] = {}
+        self._runs: dict[str, RunStatus] = {}
+        self._handler: Handler | None = None
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
+
+    async def claim(self, run_id: str, session: SessionRef) -> str | None:
+        holder = self._holders.setdefault(session.key, run_id)
+        if holder != run_id:
+            return holder
+        self._runs[run_id] = RunStatus(run_id, session, RunState.RUNNING)
+        return None
+
+    def keep(self, run_id: str, session: SessionRef, on_lost: Callable[[], None]) -> None:
+        """Nothing to renew: a claim in this process lasts until it is released."""
+
+    async def release(self, status: RunStatus) -> None:
+        if self._holders.get(status.session.key) == status.run_id:
+            del self._holders[status.session.key]
+        self._runs[status.run_id] = status
+        loop = asyncio.get_running_loop()
+        old = self._expiry.pop(status.run_id, None)
+        if old is not None:
+            old.cancel()
+        self._expiry[status.run_id] = loop.call_later(self.ttl_s, self._expire, status.run_id)
+
+    def _expire(self, run_id: str) -> None:
+        self._expiry.pop(run_id, None)
+        self._runs.pop(run_id, None)
+
+    async def holder(self, session: SessionRef) -> str | None:
+        return self._holders.get(session.key)
+
+    async def status(self, run_id: str) -> RunStatus | None:
+        return self._runs.get(run_id)
+
+    async def send(self, run_id: str, message: Message) -> None:
+        if self._handler is not None:
+            self._handler(run_id, message)
+
+    def listen(self, handler: Handler) -> None:
+        self._handler = handler
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        for handle in self._expiry.values():
+            handle.cancel()
+        self._expiry.clear()
