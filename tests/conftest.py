@@ -35,7 +35,7 @@ def no_internet(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Scripted model, a fresh SQLite file, and weather endpoints that cannot be reached."""
-    return Settings(
+    return Settings().with_(
         model="scripted",
         store=f"sqlite:///{tmp_path / 'chat.db'}",
         weather_geocoding_url="http://127.0.0.1:9/v1/search",

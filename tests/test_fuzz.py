@@ -37,7 +37,7 @@ from tests.support.server import LiveServer, live_server
 # The document is the app's own; the requests go to a live server on loopback.
 # (schemathesis's pytest plugin does not run under pytest 9, so its strategies
 # are driven by Hypothesis here directly.)
-_settings = Settings(model="scripted", turns_per_minute=0, tool_timeout_s=2)
+_settings = Settings().with_(model="scripted", turns_per_minute=0, tool_timeout_s=2)
 OPERATIONS = [result.ok() for result in schemathesis.openapi.from_dict(
     create_app(_settings).openapi()
 ).get_all_operations()]  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+from dataclasses import replace
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -15,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from chatstream import config
-from chatstream.config import Settings
+from chatstream.config import ToolSettings
 from chatstream.errors import ToolError
 from chatstream.tools import (
     Tool,
@@ -33,18 +34,18 @@ from tests.fakes.open_meteo import FakeOpenMeteo, run_fake_open_meteo
 Steps = list[tuple[str, float | None]]
 
 
-def context(settings: Any = None) -> tuple[ToolContext, Steps]:
+def context(settings: ToolSettings | None = None) -> tuple[ToolContext, Steps]:
     steps: Steps = []
     return ToolContext(lambda message, progress: steps.append((message, progress)), settings), steps
 
 
-def weather_settings(fake: FakeOpenMeteo, **changes: Any) -> Settings:
-    return Settings(
+def weather_settings(fake: FakeOpenMeteo, **changes: Any) -> ToolSettings:
+    return ToolSettings(
         weather_geocoding_url=fake.geocoding_url, weather_forecast_url=fake.forecast_url, **changes
     )
 
 
-async def run(tool: Tool, arguments: dict[str, Any], settings: Any = None) -> str:
+async def run(tool: Tool, arguments: dict[str, Any], settings: ToolSettings | None = None) -> str:
     ctx, _ = context(settings)
     return await tool(ctx, arguments)
 
@@ -218,7 +219,7 @@ async def test_service_error_status_is_reported() -> None:
 
 async def test_forecast_error_after_geocoding_is_reported() -> None:
     with run_fake_open_meteo() as fake:
-        settings = weather_settings(fake).with_(weather_forecast_url=f"{fake.base}/v1/missing")
+        settings = replace(weather_settings(fake), weather_forecast_url=f"{fake.base}/v1/missing")
         ctx, steps = context(settings)
         with pytest.raises(ToolError, match="answered an error: HTTP 404"):
             await get_weather(ctx, {"location": "Seoul"})
@@ -227,7 +228,7 @@ async def test_forecast_error_after_geocoding_is_reported() -> None:
 
 async def test_unreachable_service_is_reported() -> None:
     port = closed_port()
-    settings = Settings(
+    settings = ToolSettings(
         weather_geocoding_url=f"http://127.0.0.1:{port}/v1/search",
         weather_forecast_url=f"http://127.0.0.1:{port}/v1/forecast",
     )
@@ -236,7 +237,7 @@ async def test_unreachable_service_is_reported() -> None:
 
 
 async def test_misconfigured_url_is_reported() -> None:
-    settings = Settings(weather_geocoding_url="not-a-url", weather_forecast_url="")
+    settings = ToolSettings(weather_geocoding_url="not-a-url", weather_forecast_url="")
     with pytest.raises(ToolError, match="the weather service is unreachable"):
         await run(get_weather, {"location": "Seoul"}, settings)
 
@@ -256,19 +257,17 @@ async def test_slow_service_times_out_inside_the_tool_timeout() -> None:
 async def test_answer_of_the_wrong_shape_is_reported() -> None:
     with run_fake_open_meteo() as fake:
         # The geocoding endpoint as the forecast: valid JSON, but no current conditions.
-        settings = weather_settings(fake).with_(weather_forecast_url=fake.geocoding_url)
+        settings = replace(weather_settings(fake), weather_forecast_url=fake.geocoding_url)
         with pytest.raises(ToolError, match="without current conditions"):
             await run(get_weather, {"location": "Seoul"}, settings)
 
 
-async def test_without_settings_the_default_endpoints_are_used(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    with run_fake_open_meteo() as fake:
-        monkeypatch.setattr(config, "DEFAULT_GEOCODING_URL", fake.geocoding_url)
-        monkeypatch.setattr(config, "DEFAULT_FORECAST_URL", fake.forecast_url)
-        result = await run(get_weather, {"location": "Tokyo"}, None)
-    assert result.startswith("Tokyo, Japan: 24.3°C, overcast")
+def test_without_settings_a_tool_gets_the_default_endpoints_and_bounds() -> None:
+    ctx, _ = context()
+    assert ctx.settings.weather_geocoding_url == config.DEFAULT_GEOCODING_URL
+    assert ctx.settings.weather_forecast_url == config.DEFAULT_FORECAST_URL
+    assert ctx.settings == ToolSettings()
+    assert ctx.deps is None
 
 
 async def test_fake_answers_unknown_names_like_the_real_api() -> None:

@@ -12,8 +12,10 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any
 
 from chatstream import messages as m
+from chatstream.config import ToolSettings
 from chatstream.errors import ToolError
 from chatstream.events import Event, Token, ToolCall, ToolProgress, ToolResult
 from chatstream.messages import Message, ToolCallRequest
@@ -64,15 +66,17 @@ class Agent:
         tools: ToolRegistry,
         *,
         max_tool_rounds: int = 5,
-        tool_timeout_s: float = 20.0,
-        tool_settings: object = None,
+        tool_settings: ToolSettings | None = None,
+        deps: object = None,
         system_prompt: str = SYSTEM_PROMPT,
     ) -> None:
         self.model = model
         self.tools = tools
         self.max_tool_rounds = max_tool_rounds
-        self.tool_timeout_s = tool_timeout_s
-        self.tool_settings = tool_settings
+        self.tool_settings = tool_settings or ToolSettings()
+        self.tool_timeout_s = self.tool_settings.tool_timeout_s
+        # Handed to every tool as ``ctx.deps``: the application's own dependencies.
+        self.deps = deps
         self.system_prompt = system_prompt
 
     async def run(
@@ -144,7 +148,8 @@ class Agent:
             updates.put_nowait(ToolProgress(call.id, call.name, message, progress))
 
         try:
-            result, is_error = await self._call(call, ToolContext(report, self.tool_settings))
+            ctx = ToolContext[Any](report, self.tool_settings, self.deps)
+            result, is_error = await self._call(call, ctx)
         except Exception:
             # Whatever fails here, the round waits for one result per call: never leave it
             # waiting until the turn times out.

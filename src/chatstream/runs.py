@@ -186,8 +186,10 @@ class RunManager:
         self.agent = agent
         self.store = store
         self.settings = settings
-        self.log: RunLog = log or MemoryRunLog(ttl_s=settings.run_ttl_s)
-        self.coordinator: Coordinator = coordinator or MemoryCoordinator(ttl_s=settings.run_ttl_s)
+        self.log: RunLog = log or MemoryRunLog(ttl_s=settings.streams.run_ttl_s)
+        self.coordinator: Coordinator = coordinator or MemoryCoordinator(
+            ttl_s=settings.streams.run_ttl_s
+        )
         self.coordinator.listen(self._on_message)
         self.metrics = metrics or Metrics()
         self.metrics.track_active_runs(lambda: len(self._active))
@@ -258,8 +260,8 @@ class RunManager:
             run_id,
             session,
             self.log.create(run_id, session),
-            max_events=self.settings.run_log_max_events,
-            resume_grace_s=self.settings.resume_grace_s,
+            max_events=self.settings.streams.run_log_max_events,
+            resume_grace_s=self.settings.streams.resume_grace_s,
         )
         # Claim the session before the first await, so two requests cannot both start.
         self._active[session.key] = run
@@ -284,7 +286,7 @@ class RunManager:
             if isinstance(exc, ChatstreamError) and not isinstance(exc, Refused):
                 raise _store_unavailable(exc) from exc
             raise
-        history = stored.messages[-self.settings.max_history_messages :] if stored else ()
+        history = stored.messages[-self.settings.turns.max_history_messages :] if stored else ()
         # A trimmed history must not start inside a tool round: begin at a user message.
         while history and history[0].role != "user":
             history = history[1:]
@@ -309,7 +311,7 @@ class RunManager:
         tokens = 0
         try:
             async with (
-                asyncio.timeout(self.settings.turn_timeout_s),
+                asyncio.timeout(self.settings.turns.turn_timeout_s),
                 # Closed on every exit (OUTPUT_LIMIT's break too), so running tools stop and
                 # their results are in ``turn`` before it is stored.
                 aclosing(self.agent.run(history, turn, enable_tools=enable_tools)) as events,
@@ -326,13 +328,14 @@ class RunManager:
                     if run.full:
                         outcome = Error(
                             ErrorCode.OUTPUT_LIMIT,
-                            f"The answer reached the limit of {self.settings.run_log_max_events} "
-                            "events and was cut.",
+                            "The answer reached the limit of "
+                            f"{self.settings.streams.run_log_max_events} events and was cut.",
                         )
                         break
         except TimeoutError:
             outcome = Error(
-                ErrorCode.TIMEOUT, f"The turn took longer than {self.settings.turn_timeout_s:g} s."
+                ErrorCode.TIMEOUT,
+                f"The turn took longer than {self.settings.turns.turn_timeout_s:g} s.",
             )
         except asyncio.CancelledError:
             current = asyncio.current_task()
@@ -393,7 +396,9 @@ class RunManager:
             run.mark_finished(state)
             self._release(run)
             loop = asyncio.get_running_loop()
-            self._expiry[run.id] = loop.call_later(self.settings.run_ttl_s, self._expire, run.id)
+            self._expiry[run.id] = loop.call_later(
+                self.settings.streams.run_ttl_s, self._expire, run.id
+            )
 
     def _release(self, run: Run) -> None:
         if self._active.get(run.session.key) is run:
@@ -436,7 +441,7 @@ class RunManager:
         reader = await self.open(run_id, status.last_seq, caller=caller)
         if reader is not None:
             try:
-                async with asyncio.timeout(2 * self.settings.lock_ttl_s + 2):
+                async with asyncio.timeout(2 * self.settings.streams.lock_ttl_s + 2):
                     while not reader.delivered:
                         reader.read()
                         await reader.wait()

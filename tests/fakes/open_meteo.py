@@ -4,7 +4,7 @@ It is a real HTTP/1.1 server on 127.0.0.1 (``LoopbackServer``, a thread of its o
 serves async tests, sync tests and a separately started chatstream process alike::
 
     with run_fake_open_meteo() as fake:             # delay_s=..., fail_status=503
-        settings = Settings(weather_geocoding_url=fake.geocoding_url,
+        settings = Settings().with_(weather_geocoding_url=fake.geocoding_url,
                             weather_forecast_url=fake.forecast_url)
         ...
         fake.calls                                  # [("/v1/search", {"name": "Seoul", ...}), ...]

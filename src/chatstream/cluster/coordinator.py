@@ -46,12 +46,12 @@ class RedisCoordinator:
         self.redis = redis
         self.keys = keys or Keys()
         self.instance = secrets.token_hex(4)
-        self.lock_ttl_ms = int(settings.lock_ttl_s * 1000)
+        self.lock_ttl_ms = int(settings.streams.lock_ttl_s * 1000)
         # How long a run's record and log live without news from its owner, and after its end.
-        self._run_ttl_ms = int(settings.run_ttl_s * 1000) + self.lock_ttl_ms
-        self._ended_ttl_ms = int(settings.run_ttl_s * 1000)
+        self._run_ttl_ms = int(settings.streams.run_ttl_s * 1000) + self.lock_ttl_ms
+        self._ended_ttl_ms = int(settings.streams.run_ttl_s * 1000)
         # How long the owner's last writes wait for Redis: as long as its lock would hold.
-        self._outage_s = max(settings.lock_ttl_s, 2.0)
+        self._outage_s = max(settings.streams.lock_ttl_s, 2.0)
         # Told when a lock Redis had lost was taken back: the log may need re-sending.
         self.on_reclaimed = on_reclaimed
         self._renew = redis.register_script(RENEW)

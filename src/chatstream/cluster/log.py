@@ -62,11 +62,11 @@ class RedisRunLog:
         self.redis = redis
         self.keys = keys or Keys()
         self.settings = settings
-        self.lock_ttl_s = settings.lock_ttl_s
-        self._ended_ttl_ms = int(settings.run_ttl_s * 1000)
-        self._outage_s = max(settings.lock_ttl_s, 2.0)
+        self.lock_ttl_s = settings.streams.lock_ttl_s
+        self._ended_ttl_ms = int(settings.streams.run_ttl_s * 1000)
+        self._outage_s = max(settings.streams.lock_ttl_s, 2.0)
         # This process's runs, as with one instance; finished ones until their TTL.
-        self._local = MemoryRunLog(ttl_s=settings.run_ttl_s)
+        self._local = MemoryRunLog(ttl_s=settings.streams.run_ttl_s)
         self._mirrors: dict[str, _Mirror] = {}
         self._followers: set[asyncio.Task[None]] = set()
         self._append_log = redis.register_script(APPEND_LOG)
@@ -92,7 +92,7 @@ class RedisRunLog:
         reader = mirror.reader
         run_log = reader.log
         key = self.keys.log(run_log.run_id)
-        cap = self.settings.run_log_max_events
+        cap = self.settings.streams.run_log_max_events
         while True:
             reader.wake.clear()
             first = reader.seq + 1
@@ -146,7 +146,7 @@ class RedisRunLog:
 
         async def write_end() -> int:
             # Safe to repeat: the entry's id is fixed.
-            args = [ending.seq, self.settings.run_log_max_events, event.type, ending.frame]
+            args = [ending.seq, self.settings.streams.run_log_max_events, event.type, ending.frame]
             return int(await self._append_log(keys=[key], args=args))
 
         what = f"run {run_id}: writing its end"

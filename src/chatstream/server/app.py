@@ -28,7 +28,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         async with build_runtime(settings) as runtime:
-            if settings.allowed_hosts and not is_loopback(settings.host):
+            if settings.http.allowed_hosts and not is_loopback(settings.host):
                 log.warning(
                     "CHATSTREAM_ALLOWED_HOSTS is checked only on a loopback bind; on %s every "
                     "Host is answered",
@@ -65,15 +65,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=routes.STATIC), name="static")
     # Starlette runs the middleware added last first: RequestLog, OriginGuard, BodyLimit,
     # CORS. Refusals are logged; a foreign origin is refused before its body is read.
-    if settings.cors_origins:
+    if settings.http.cors_origins:
         app.add_middleware(
             CorsPolicy,
-            allow_origins=list(settings.cors_origins),
+            allow_origins=list(settings.http.cors_origins),
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Content-Type", "Authorization", "Last-Event-ID"],
             expose_headers=["X-Session-Id", "X-Run-Id"],
         )
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(
+        BodyLimit, limit=settings.http.max_body_bytes, timeout_s=settings.http.body_timeout_s
+    )
     app.add_middleware(OriginGuard, settings=settings)
-    app.add_middleware(RequestLog, body_limit=settings.log_body_bytes)
+    app.add_middleware(RequestLog, body_limit=settings.http.log_body_bytes)
     return app

@@ -69,14 +69,14 @@ class OriginGuard:
         self.app = app
         self.check_host = is_loopback(settings.host)
         # The bind address itself too: a server bound to 127.0.0.2 is reached by that name.
-        allowed = (settings.host, *settings.allowed_hosts)
+        allowed = (settings.host, *settings.http.allowed_hosts)
         names = {*LOOPBACK_NAMES, *(_bracketed(h.lower()) for h in allowed)}
         self.any_host = "*" in names
         self.host_names = frozenset(n for n in names if not n.startswith("*"))
         # As Starlette's TrustedHostMiddleware reads them: "*.example.com" matches subdomains.
         self.host_suffixes = tuple(n[1:] for n in names if n.startswith("*."))
-        self.any_origin = "*" in settings.cors_origins
-        self.origins = frozenset(_normalized(o) for o in settings.cors_origins)
+        self.any_origin = "*" in settings.http.cors_origins
+        self.origins = frozenset(_normalized(o) for o in settings.http.cors_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -254,7 +254,7 @@ def uvicorn_config(
         "ChatstreamHttpProtocol",
         (GuardedHttpToolsProtocol,),
         {
-            "header_timeout_s": settings.header_timeout_s,
+            "header_timeout_s": settings.http.header_timeout_s,
             "max_header_bytes": max_header_bytes,
             "max_headers": max_headers,
         },
@@ -265,7 +265,7 @@ def uvicorn_config(
         port=settings.port,
         http=protocol,
         timeout_keep_alive=5,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
+        timeout_graceful_shutdown=int(settings.streams.shutdown_grace_s) + 5,
         lifespan="on",
         **options,
     )

@@ -174,14 +174,14 @@ async def _stream(
             reader.close()
             raise
     else:
-        text, session_id = _validate_turn(message, session_id, settings.max_message_chars)
+        text, session_id = _validate_turn(message, session_id, settings.turns.max_message_chars)
         run, release = await _start_turn(request, caller, text, session_id, enable_tools)
         reader = run.log.reader(0)
     log = reader.log
     return EventStream(
         reader,
-        heartbeat_s=settings.heartbeat_s,
-        retry_ms=settings.retry_ms,
+        heartbeat_s=settings.streams.heartbeat_s,
+        retry_ms=settings.streams.retry_ms,
         headers={"X-Session-Id": log.session.id, "X-Run-Id": log.run_id},
         on_close=release,
     )
@@ -312,7 +312,7 @@ def _run_out(run_id: str, status: RunStatus | None, *, cancelled: bool | None = 
 async def chat(request: Request, caller: CallerDep, body: ChatRequest) -> ChatResponse | Response:
     runtime = runtime_of(request)
     text, session_id = _validate_turn(
-        body.message, body.sessionId, runtime.settings.max_message_chars
+        body.message, body.sessionId, runtime.settings.turns.max_message_chars
     )
     run, release = await _start_turn(request, caller, text, session_id, body.enableTools)
     # The caller is a reader of the run while it waits, as a stream's is: one that hangs

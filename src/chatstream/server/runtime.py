@@ -53,7 +53,7 @@ class Runtime:
 
     async def begin_shutdown(self) -> None:
         """Stop taking turns; let running ones finish up to the deadline, then cancel them."""
-        await self.runs.drain(self.settings.shutdown_grace_s)
+        await self.runs.drain(self.settings.streams.shutdown_grace_s)
 
 
 class State(TypedDict):
@@ -87,7 +87,7 @@ async def build_runtime(
     The runtime owns the model it serves, given or resolved: it closes it.
     """
     async with AsyncExitStack() as stack:
-        keys = KeyRing.load(settings.api_keys, settings.api_keys_file)
+        keys = KeyRing.load(settings.auth.api_keys, settings.auth.api_keys_file)
         model = model if model is not None else resolve(settings.model)
         stack.push_async_callback(model.aclose)
         store, run_log, coordinator = await _open_backend(settings, stack)
@@ -95,9 +95,8 @@ async def build_runtime(
         agent = Agent(
             model,
             tools,
-            max_tool_rounds=settings.max_tool_rounds,
-            tool_timeout_s=settings.tool_timeout_s,
-            tool_settings=settings,
+            max_tool_rounds=settings.turns.max_tool_rounds,
+            tool_settings=settings.tools,
         )
         metrics = Metrics()
         # Runs stay in this process unless the backend shares them (log and coordinator).
@@ -118,10 +117,10 @@ async def build_runtime(
             runs=runs,
             metrics=metrics,
             keys=keys,
-            turn_rate=TurnRate(settings.turns_per_minute),
+            turn_rate=TurnRate(settings.limits.turns_per_minute),
             slots=StreamSlots(
-                settings.max_streams_per_key,
-                settings.max_streams_total,
+                settings.limits.max_streams_per_key,
+                settings.limits.max_streams_total,
                 on_change=metrics.active_streams.set,
             ),
             started_at=time.monotonic(),

@@ -15,10 +15,12 @@ import inspect
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, get_type_hints
+from typing import Any, Generic, cast, get_type_hints
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError, create_model
+from typing_extensions import TypeVar
 
+from chatstream.config import ToolSettings
 from chatstream.errors import ToolError
 from chatstream.models.base import ToolSpec
 
@@ -26,14 +28,27 @@ ProgressSink = Callable[[str, float | None], None]
 ToolFunction = Callable[..., Awaitable[str]]
 
 
-class ToolContext:
-    """Handed to a running tool: where its progress goes, and the settings it may need."""
+DepsT = TypeVar("DepsT", default=None)
 
-    __slots__ = ("_sink", "settings")
 
-    def __init__(self, sink: ProgressSink, settings: Any = None) -> None:
+class ToolContext(Generic[DepsT]):
+    """Handed to a running tool: where its progress goes, its settings, and its dependencies.
+
+    ``settings`` are the server's tool settings (time limit, the built-in tools' bounds
+    and endpoints). ``deps`` is what the application handed the agent for its own tools (a
+    database pool, an HTTP client, ...), typed: a tool declared ``ctx: ToolContext[MyDeps]``
+    reads ``ctx.deps`` as ``MyDeps``, as pydantic-ai's ``RunContext[Deps]`` does.
+    """
+
+    __slots__ = ("_sink", "deps", "settings")
+
+    def __init__(
+        self, sink: ProgressSink, settings: ToolSettings | None = None, deps: DepsT | None = None
+    ) -> None:
         self._sink = sink
-        self.settings = settings
+        self.settings = settings or ToolSettings()
+        # None is what a context without dependencies (DepsT's default) holds.
+        self.deps = cast(DepsT, deps)
 
     def progress(self, message: str, progress: float | None = None) -> None:
         """Report a step; ``progress`` is the fraction done (0..1) when known."""

@@ -121,9 +121,8 @@ async def calculate(ctx: ToolContext, expression: str) -> str:
             log(x, base)), log10, log2 and exp.
     """
     ctx.progress(f"Calculating {_shorten(expression)}")
-    max_chars = int(getattr(ctx.settings, "calculate_max_chars", MAX_CHARS))
-    max_result = int(getattr(ctx.settings, "calculate_max_result_chars", MAX_DIGITS + 2))
-    result = format_number(evaluate(expression, max_chars=max_chars))
+    max_result = ctx.settings.calculate_max_result_chars
+    result = format_number(evaluate(expression, max_chars=ctx.settings.calculate_max_chars))
     if len(result) > max_result:
         raise ToolError(f"the result is too long ({len(result)} characters; at most {max_result})")
     return result

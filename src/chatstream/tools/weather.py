@@ -14,7 +14,6 @@ from typing import Any, TypeGuard
 
 import httpx
 
-from chatstream import config
 from chatstream.errors import ToolError
 from chatstream.tools.base import ToolContext, tool
 
@@ -23,7 +22,6 @@ __all__ = ["WMO_CODES", "get_weather"]
 # Each of the two requests gets this share of the agent's tool timeout, so that a slow
 # service ends in this module's clear message rather than in the agent's generic one.
 _TIMEOUT_SHARE = 0.4
-_DEFAULT_TIMEOUT_S = 8.0
 _MAX_LOCATION_CHARS = 200
 _NARROW_BY = ("country", "country_code", "admin1", "admin2")
 _CURRENT = "temperature_2m,relative_humidity_2m,weather_code,wind_speed_10m"
@@ -74,10 +72,9 @@ async def get_weather(ctx: ToolContext, location: str) -> str:
     if len(place) > _MAX_LOCATION_CHARS:
         raise ToolError(f"the location is too long (at most {_MAX_LOCATION_CHARS} characters)")
     settings = ctx.settings
-    geocoding_url = getattr(settings, "weather_geocoding_url", None) or config.DEFAULT_GEOCODING_URL
-    forecast_url = getattr(settings, "weather_forecast_url", None) or config.DEFAULT_FORECAST_URL
-    tool_timeout = getattr(settings, "tool_timeout_s", None)
-    timeout = tool_timeout * _TIMEOUT_SHARE if tool_timeout else _DEFAULT_TIMEOUT_S
+    geocoding_url = settings.weather_geocoding_url
+    forecast_url = settings.weather_forecast_url
+    timeout = settings.tool_timeout_s * _TIMEOUT_SHARE
 
     async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
         ctx.progress(f"Finding {place}…", 0.1)
