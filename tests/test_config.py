@@ -21,7 +21,7 @@ def test_variables_fill_their_groups_by_type() -> None:
     assert settings.port == 4000
     assert settings.streams.heartbeat_s == 2.5
     assert settings.http.cors_origins == ("http://a.example", "http://b.example")
-    assert settings.tools.tool_timeout_s == 3.0
+    assert settings.tooling.tool_timeout_s == 3.0
     assert settings.auth.api_keys == ("sk-one",)
     assert settings.limits.max_streams_per_key == 20
 
@@ -61,7 +61,7 @@ def test_with_takes_flat_names_and_keeps_the_rest_of_each_group() -> None:
     base = Settings().with_(heartbeat_s=1.0, calculate_max_chars=9)
     changed = base.with_(retry_ms=10, model="scripted")
     assert changed.streams == StreamSettings(heartbeat_s=1.0, retry_ms=10)
-    assert changed.tools == ToolSettings(calculate_max_chars=9)
+    assert changed.tooling == ToolSettings(calculate_max_chars=9)
     assert changed.model == "scripted"
     assert base.streams.retry_ms == 3000  # frozen: the original is unchanged
     with pytest.raises(TypeError, match="no field 'heartbeat'"):

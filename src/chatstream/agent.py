@@ -164,13 +164,14 @@ class Agent:
         if RAW_ARGUMENTS in call.arguments:
             raw = str(call.arguments[RAW_ARGUMENTS])[:200]
             return f"The arguments for {call.name} were not a JSON object: {raw}", True
+        timeout_s = tool.timeout_s or self.tool_timeout_s
         try:
-            async with asyncio.timeout(self.tool_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 return await tool(ctx, call.arguments), False
         except ToolError as exc:
             return exc.message, True
         except TimeoutError:
-            return f"{call.name} timed out after {self.tool_timeout_s:g} s.", True
+            return f"{call.name} timed out after {timeout_s:g} s.", True
         except Exception as exc:
             # The exception's text stays in the log: it may name files, hosts or secrets.
             log.exception("tool %s failed", call.name)

@@ -101,6 +101,28 @@ def serve(
         str,
         typer.Option(envvar="CHATSTREAM_STORE", help="sqlite:///<path> (default chatstream.db)"),
     ] = "sqlite:///chatstream.db",
+    tools: Annotated[
+        str,
+        typer.Option(
+            envvar="CHATSTREAM_TOOLS",
+            help="Comma-separated: builtin (the four built-in tools) and <module>:<attribute> "
+            "references to your own (a Tool, a ToolRegistry or a list of tools).",
+        ),
+    ] = "builtin",
+    mcp: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CHATSTREAM_MCP_CONFIG",
+            help='A JSON file of MCP servers, {"mcpServers": {...}}, whose tools are offered.',
+        ),
+    ] = None,
+    system_prompt: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CHATSTREAM_SYSTEM_PROMPT",
+            help="The system prompt: text, or @path of a file (default: chatstream's own).",
+        ),
+    ] = None,
     forwarded_allow_ips: Annotated[
         str,
         typer.Option(
@@ -124,7 +146,16 @@ def serve(
         raise typer.BadParameter("use text or json", param_hint="--log-format")
     logs.configure(log_level, log_format)
     try:
-        settings = Settings.from_env(host=host, port=port, model=model, store=store)
+        settings = Settings.from_env(
+            host=host,
+            port=port,
+            model=model,
+            store=store,
+            tools=tuple(tools.split(",")),
+            mcp_config=mcp,
+            system_prompt=system_prompt,
+        )
+        _check_agent(settings)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     application = create_app(settings)
@@ -140,6 +171,19 @@ def serve(
     server.run()
     if not server.started:
         raise typer.Exit(1)
+
+
+def _check_agent(settings: Settings) -> None:
+    """Refuse a bad tool reference, MCP config or prompt file now, before serving (exit 2)."""
+    from chatstream.prompts import system_prompt_from
+    from chatstream.tools.loading import load_tools
+
+    load_tools(settings.tools)
+    system_prompt_from(settings.system_prompt)
+    if settings.mcp_config:
+        from chatstream.tools.mcp import McpServers
+
+        McpServers.from_file(settings.mcp_config)
 
 
 @app.command()

@@ -86,7 +86,7 @@ class AuthSettings:
 _GROUPS = {
     "streams": StreamSettings,
     "turns": TurnSettings,
-    "tools": ToolSettings,
+    "tooling": ToolSettings,
     "http": HttpSettings,
     "limits": LimitSettings,
     "auth": AuthSettings,
@@ -101,9 +101,14 @@ class Settings:
     port: int = 3002
     model: str = "local"
     store: str = "sqlite:///chatstream.db"
+    # The agent: which tools (``builtin`` and ``module:attribute`` references), MCP servers
+    # (a JSON file) and system prompt (text, or ``@path`` of a file; empty: the default).
+    tools: tuple[str, ...] = ("builtin",)
+    mcp_config: str = ""
+    system_prompt: str = ""
     streams: StreamSettings = field(default_factory=StreamSettings)
     turns: TurnSettings = field(default_factory=TurnSettings)
-    tools: ToolSettings = field(default_factory=ToolSettings)
+    tooling: ToolSettings = field(default_factory=ToolSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
@@ -138,7 +143,7 @@ class Settings:
         return replace(self, **top)
 
 
-_TOP_LEVEL = ("host", "port", "model", "store")
+_TOP_LEVEL = ("host", "port", "model", "store", "tools", "mcp_config", "system_prompt")
 
 
 def _owners() -> dict[str, str]:

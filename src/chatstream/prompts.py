@@ -16,6 +16,27 @@ SYSTEM_PROMPT = (
     "fails, say so plainly instead of inventing a result."
 )
 
+
+def system_prompt_from(value: str) -> str:
+    """The system prompt a setting names: text, ``@path`` of a UTF-8 file, or "" (the default).
+
+    ``ValueError`` names a file that cannot be read.
+    """
+    if not value.strip():
+        return SYSTEM_PROMPT
+    if value.startswith("@"):
+        path = value[1:]
+        try:
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read the system prompt file {path!r}: {exc}") from None
+        if not text.strip():
+            raise ValueError(f"the system prompt file {path!r} is empty")
+        return text.strip()
+    return value
+
+
 # A 0.5B model follows examples far better than rules, so the local model is shown a few
 # (in the call format its grammar enforces), only for the tools it is offered. None of
 # them is a prompt of bench/tool_accuracy.py, so that figure is not flattered by them.

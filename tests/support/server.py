@@ -6,12 +6,12 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
-from fastapi import FastAPI
 
 from chatstream.config import Settings
 from chatstream.server.app import create_app
@@ -29,7 +29,7 @@ def free_port() -> int:
 @dataclass
 class LiveServer:
     url: str
-    app: FastAPI
+    app: Any
     server: uvicorn.Server
     loop: asyncio.AbstractEventLoop | None = None
 
@@ -47,11 +47,13 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(settings: Settings) -> Iterator[LiveServer]:
-    """Serve ``create_app(settings)`` with uvicorn on a free loopback port."""
+def live_server(
+    settings: Settings, make_app: Callable[[Settings], Any] = create_app
+) -> Iterator[LiveServer]:
+    """Serve ``make_app(settings)`` (``create_app`` by default) on a free loopback port."""
     port = free_port()
     settings = settings.with_(host="127.0.0.1", port=port)
-    app = create_app(settings)
+    app = make_app(settings)
     config = uvicorn_config(app, settings, log_level="warning", loop="asyncio")
     server = Server(config)
     live = LiveServer(url=f"http://127.0.0.1:{port}", app=app, server=server)

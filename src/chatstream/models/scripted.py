@@ -8,7 +8,9 @@ the way a real model would:
   (``fahrenheit``, ``화씨``) it converts the temperature it got in a second round;
 * time (``time``, ``시간``, ``몇 시``) -> ``get_current_time``;
 * an arithmetic expression -> ``calculate``;
-* ``convert 20 C to F`` / ``섭씨 20도를 화씨로`` -> ``convert_temperature``.
+* ``convert 20 C to F`` / ``섭씨 20도를 화씨로`` -> ``convert_temperature``;
+* ``call <tool> {json}`` -> exactly that call of any tool offered, your own and MCP
+  servers' too (several joined by ``;`` run in parallel; the arguments default to ``{}``).
 
 Once the tools have answered, it answers from their results. Anything else gets
 a friendly answer in several tokens. Two phrases exist for tests and demos:
@@ -20,6 +22,7 @@ tokens like a real model.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
@@ -27,6 +30,7 @@ from typing import Any
 from chatstream.errors import ModelError
 from chatstream.messages import Message, ToolCallRequest
 from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
+from chatstream.models.http import RAW_ARGUMENTS
 
 _CITIES = {
     "서울": "Seoul",
@@ -51,6 +55,8 @@ _EXPRESSION = re.compile(r"[-(]*\d[\d.\s]*(?:(?:\*\*|[-+*/%^])[-(\s]*\d[\d.\s)]*
 _EN_CITY = re.compile(r"\b(?:in|for|at)\s+([A-Z][a-zA-Z]+(?:\s+[A-Z][a-zA-Z]+)?)")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _COUNT_TO = re.compile(r"count to (\d+)", re.I)
+# "call <tool> {json}", several joined by ";": exactly those calls, in one round.
+_CALL = re.compile(r"\s*call\s+([A-Za-z0-9_.:-]+)\s*(.*)", re.S)
 _TEMPERATURE_IN_RESULT = re.compile(r"(-?\d+(?:\.\d+)?)\s*°C")
 
 
@@ -105,9 +111,53 @@ class ScriptedModel:
             await asyncio.sleep(self.delay_s)
 
 
+def _explicit_calls(prompt: str) -> list[tuple[str, dict[str, Any]]]:
+    """``call <tool> {json}; call <tool> {json}`` as those calls (arguments default to {})."""
+    calls: list[tuple[str, dict[str, Any]]] = []
+    for part in _split_calls(prompt):
+        match = _CALL.fullmatch(part)
+        if match is None:
+            continue
+        raw = match.group(2).strip()
+        try:
+            arguments = json.loads(raw) if raw else {}
+        except json.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            arguments = {RAW_ARGUMENTS: raw}  # the agent tells the model they were not JSON
+        calls.append((match.group(1), arguments))
+    return calls
+
+
+def _split_calls(prompt: str) -> list[str]:
+    """The prompt cut at each ``;`` that is outside a JSON string or object."""
+    parts, depth, quoted, escaped, start = [], 0, False, False, 0
+    for index, char in enumerate(prompt):
+        if quoted:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+        elif char == ";" and depth == 0:
+            parts.append(prompt[start:index])
+            start = index + 1
+    parts.append(prompt[start:])
+    return [p for p in parts if p.strip()]
+
+
 def _plan_calls(
     prompt: str, results: list[Message], rounds: int, offered: set[str]
 ) -> list[tuple[str, dict[str, Any]]]:
+    if rounds == 0 and offered and _CALL.match(prompt):
+        return _explicit_calls(prompt)
     lowered = prompt.lower()
     wants_weather = "weather" in lowered or "날씨" in prompt
     wants_fahrenheit = "fahrenheit" in lowered or "화씨" in prompt

@@ -1,9 +1,14 @@
-"""``create_app(settings)``: the FastAPI application; ``runtime.py`` holds what it serves."""
+"""``create_app(settings)``: the FastAPI application; ``runtime.py`` holds what it serves.
+
+An application that has its own agent hands it over here: its tools, system prompt,
+model and the dependencies its tools need (``create_app(tools=..., deps=...)``), and can
+mount the result inside its own FastAPI or Starlette app (see the README, "Embedding").
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -12,22 +17,39 @@ from starlette.staticfiles import StaticFiles
 
 from chatstream import __version__
 from chatstream.config import Settings
+from chatstream.models import Model
 from chatstream.server import errors, routes
 from chatstream.server.limits import BodyLimit
 from chatstream.server.origin import CorsPolicy, OriginGuard, is_loopback
 from chatstream.server.requestlog import RequestLog
 from chatstream.server.runtime import State, build_runtime
+from chatstream.tools import Tool, ToolRegistry
 
 log = logging.getLogger("chatstream.server")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; the model and store are opened when it starts."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    tools: ToolRegistry | Iterable[Tool] | None = None,
+    system_prompt: str | None = None,
+    model: Model | None = None,
+    deps: object = None,
+) -> FastAPI:
+    """Build the app; the model, store and tools are opened when it starts.
+
+    ``settings`` default to the ``CHATSTREAM_*`` variables. ``tools`` replaces what
+    ``settings.tools`` names (MCP servers of ``settings.mcp_config`` are added to them),
+    ``system_prompt`` and ``model`` replace the settings' own, and ``deps`` is handed to
+    every tool as ``ctx.deps``.
+    """
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        async with build_runtime(settings) as runtime:
+        async with build_runtime(
+            settings, tools=tools, system_prompt=system_prompt, model=model, deps=deps
+        ) as runtime:
             if settings.http.allowed_hosts and not is_loopback(settings.host):
                 log.warning(
                     "CHATSTREAM_ALLOWED_HOSTS is checked only on a loopback bind; on %s every "

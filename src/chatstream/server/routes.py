@@ -457,13 +457,25 @@ async def delete_session(request: Request, caller: CallerDep, session_id: str) -
 @router.get("/api/tools", response_model=ToolListOut, summary="The tools", tags=["meta"])
 async def list_tools(request: Request, caller: CallerDep) -> ToolListOut:
     tools = [
-        ToolOut(name=t.name, description=t.description, parameters=t.parameters)
+        ToolOut(
+            name=t.name,
+            description=t.description,
+            parameters=t.parameters,
+            source=t.source,
+            approval=t.approval,
+        )
         for t in runtime_of(request).agent.tools
     ]
     return ToolListOut(tools=tools, count=len(tools))
 
 
-@router.get("/api/health", response_model=HealthOut, summary="Liveness and set-up", tags=["meta"])
+@router.get(
+    "/api/health",
+    response_model=HealthOut,
+    response_model_exclude_none=True,
+    summary="Liveness and set-up",
+    tags=["meta"],
+)
 async def health(request: Request, response: Response) -> HealthOut:
     runtime = runtime_of(request)
     store_ok = await runtime.store.ping()
@@ -477,6 +489,8 @@ async def health(request: Request, response: Response) -> HealthOut:
         store={"kind": runtime.store.name, "ok": store_ok},
         activeRuns=runtime.runs.active_count,
         accepting=runtime.runs.accepting,
+        # A server that is down is not chatstream failing: health stays ok, and says which.
+        mcp=runtime.mcp.status() if runtime.mcp is not None else None,
     )
 
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from starlette.requests import Request
 
@@ -26,12 +26,17 @@ from chatstream.config import Settings
 from chatstream.coordinator import Coordinator
 from chatstream.metrics import Metrics
 from chatstream.models import Model, resolve
+from chatstream.prompts import system_prompt_from
 from chatstream.runlog import RunLog
 from chatstream.runs import RunManager
 from chatstream.server.auth import KeyRing
 from chatstream.server.limits import StreamSlots, TurnRate
 from chatstream.store import SessionStore, StoreURL
-from chatstream.tools import default_tools
+from chatstream.tools import Tool, ToolRegistry
+from chatstream.tools.loading import load_tools
+
+if TYPE_CHECKING:
+    from chatstream.tools.mcp import McpServers
 
 log = logging.getLogger("chatstream.server")
 
@@ -50,6 +55,8 @@ class Runtime:
     turn_rate: TurnRate
     slots: StreamSlots
     started_at: float
+    # The MCP servers whose tools are offered (None without --mcp): health shows them.
+    mcp: McpServers | None = None
 
     async def begin_shutdown(self) -> None:
         """Stop taking turns; let running ones finish up to the deadline, then cancel them."""
@@ -80,23 +87,34 @@ def runtime_in(state: Mapping[str, Any]) -> Runtime | None:
 
 @asynccontextmanager
 async def build_runtime(
-    settings: Settings, *, model: Model | None = None
+    settings: Settings,
+    *,
+    tools: ToolRegistry | Iterable[Tool] | None = None,
+    system_prompt: str | None = None,
+    model: Model | None = None,
+    deps: object = None,
 ) -> AsyncIterator[Runtime]:
-    """Open and warm up what ``settings`` name (or ``model``); close all of it on exit.
+    """Open and warm up what ``settings`` name; close all of it on exit.
 
-    The runtime owns the model it serves, given or resolved: it closes it.
+    An application that embeds chatstream may hand over its own ``tools`` (instead of
+    ``settings.tools``; MCP servers of ``settings.mcp_config`` are added to them),
+    ``system_prompt``, ``model`` and ``deps`` (given to every tool as ``ctx.deps``). The
+    runtime owns the model it serves, given or resolved: it closes it.
     """
     async with AsyncExitStack() as stack:
         keys = KeyRing.load(settings.auth.api_keys, settings.auth.api_keys_file)
         model = model if model is not None else resolve(settings.model)
         stack.push_async_callback(model.aclose)
+        registry = _registry(settings, tools)
+        mcp = await _start_mcp(settings, registry, stack)
         store, run_log, coordinator = await _open_backend(settings, stack)
-        tools = default_tools()
         agent = Agent(
             model,
-            tools,
+            registry,
             max_tool_rounds=settings.turns.max_tool_rounds,
-            tool_settings=settings.tools,
+            tool_settings=settings.tooling,
+            deps=deps,
+            system_prompt=system_prompt or system_prompt_from(settings.system_prompt),
         )
         metrics = Metrics()
         # Runs stay in this process unless the backend shares them (log and coordinator).
@@ -117,6 +135,7 @@ async def build_runtime(
             runs=runs,
             metrics=metrics,
             keys=keys,
+            mcp=mcp,
             turn_rate=TurnRate(settings.limits.turns_per_minute),
             slots=StreamSlots(
                 settings.limits.max_streams_per_key,
@@ -128,9 +147,35 @@ async def build_runtime(
         # The embedded model loads its weights and reads the system prompt once here, so
         # the first user does not wait for it (a few seconds on two cores).
         started = time.monotonic()
-        await model.warm_up(tools.specs())
+        await model.warm_up(registry.specs())
         log.info("model %s ready in %.1f s", model.name, time.monotonic() - started)
         yield runtime
+
+
+def _registry(settings: Settings, tools: ToolRegistry | Iterable[Tool] | None) -> ToolRegistry:
+    """The tools handed over, or those ``settings.tools`` names (``ToolLoadError`` if bad)."""
+    if isinstance(tools, ToolRegistry):
+        return tools
+    if tools is not None:
+        return ToolRegistry(tools)
+    return ToolRegistry(load_tools(settings.tools))
+
+
+async def _start_mcp(
+    settings: Settings, registry: ToolRegistry, stack: AsyncExitStack
+) -> McpServers | None:
+    """Start the MCP servers the config names, their tools a live part of the registry."""
+    if not settings.mcp_config:
+        return None
+    from chatstream.tools.mcp import McpServers
+
+    servers = McpServers.from_file(
+        settings.mcp_config, default_timeout_s=settings.tooling.tool_timeout_s
+    )
+    stack.push_async_callback(servers.close)
+    await servers.start()
+    registry.add_source(servers)
+    return servers
 
 
 async def _open_backend(

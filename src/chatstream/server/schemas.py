@@ -122,6 +122,8 @@ class ToolOut(BaseModel):
     name: str
     description: str
     parameters: dict[str, Any]
+    source: str = Field(description='"builtin", "python" or "mcp:<server>"')
+    approval: bool = Field(description="Whether a person must say yes before it runs.")
 
 
 class ToolListOut(BaseModel):
@@ -137,6 +139,10 @@ class HealthOut(BaseModel):
     store: dict[str, Any]
     activeRuns: int
     accepting: bool
+    mcp: dict[str, dict[str, Any]] | None = Field(
+        default=None,
+        description='Each MCP server: {"status": "ready"|"starting"|"failed", "tools", "error"?}',
+    )
 
 
 class ErrorBody(BaseModel):

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from chatstream.tools.base import Tool, ToolContext, ToolRegistry, tool
+from dataclasses import replace
+
+from chatstream.tools.base import Tool, ToolContext, ToolRegistry, ToolSource, tool
 from chatstream.tools.calculator import calculate
 from chatstream.tools.clock import get_current_time
 from chatstream.tools.temperature import convert_temperature
 from chatstream.tools.weather import get_weather
 
 __all__ = [
+    "BUILTIN",
     "Tool",
     "ToolContext",
     "ToolRegistry",
+    "ToolSource",
     "calculate",
     "convert_temperature",
     "default_tools",
@@ -21,6 +25,13 @@ __all__ = [
 ]
 
 
+BUILTIN = tuple(
+    replace(t, source="builtin")
+    for t in (get_weather, convert_temperature, calculate, get_current_time)
+)
+"""The four built-in tools, in the order they are offered."""
+
+
 def default_tools() -> ToolRegistry:
     """A fresh registry of the four built-in tools."""
-    return ToolRegistry([get_weather, convert_temperature, calculate, get_current_time])
+    return ToolRegistry(BUILTIN)

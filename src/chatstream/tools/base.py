@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, cast, get_type_hints
+from typing import Any, Generic, Protocol, cast, get_type_hints, overload
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError, create_model
 from typing_extensions import TypeVar
@@ -59,13 +59,22 @@ class ToolContext(Generic[DepsT]):
 
 @dataclass(frozen=True, slots=True)
 class Tool:
-    """A tool the model may call."""
+    """A tool the model may call.
+
+    ``source`` says where it comes from (``builtin``, ``python``, ``mcp:<server>``);
+    ``approval`` whether a person must say yes before it runs. A tool without a
+    ``validator`` takes its arguments as they come (an MCP server checks its own).
+    """
 
     name: str
     description: str
     parameters: dict[str, Any]
     function: ToolFunction
-    validator: TypeAdapter[Any]
+    validator: TypeAdapter[Any] | None = None
+    source: str = "python"
+    approval: bool = False
+    # Its own time limit (an MCP server's ``timeoutS``); None: the server's tool timeout.
+    timeout_s: float | None = None
 
     @property
     def spec(self) -> ToolSpec:
@@ -73,6 +82,8 @@ class Tool:
 
     def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """Check and coerce the model's arguments; raise ``ToolError`` when they do not fit."""
+        if self.validator is None:
+            return arguments
         try:
             model = self.validator.validate_python(arguments)
         except ValidationError as exc:
@@ -87,17 +98,51 @@ class Tool:
         return await self.function(ctx, **self.validate(arguments))
 
 
-def tool(function: ToolFunction) -> Tool:
-    """Make a ``Tool`` from a typed ``async def name(ctx: ToolContext, ...) -> str``."""
+@overload
+def tool(function: ToolFunction, /) -> Tool: ...
+
+
+@overload
+def tool(
+    *, name: str | None = None, description: str | None = None, approval: bool = False
+) -> Callable[[ToolFunction], Tool]: ...
+
+
+def tool(
+    function: ToolFunction | None = None,
+    /,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    approval: bool = False,
+) -> Tool | Callable[[ToolFunction], Tool]:
+    """Make a ``Tool`` from a typed ``async def name(ctx: ToolContext, ...) -> str``.
+
+    Bare (``@tool``) or with options: ``@tool(name=..., description=..., approval=True)``
+    (the name and description default to the function's name and docstring; ``approval``
+    asks a person before the tool runs).
+    """
+    if function is None:
+        return lambda f: _make_tool(f, name=name, description=description, approval=approval)
+    return _make_tool(function, name=name, description=description, approval=approval)
+
+
+def _make_tool(
+    function: ToolFunction, *, name: str | None, description: str | None, approval: bool
+) -> Tool:
+    if not inspect.iscoroutinefunction(function):
+        raise TypeError(f"a tool must be an async function: {function!r} is not")
     signature = inspect.signature(function)
+    if not signature.parameters:
+        raise TypeError(f"tool {function.__name__!r} must take a ToolContext first")
     hints = get_type_hints(function)
-    description, arg_docs = _parse_docstring(inspect.getdoc(function) or "")
+    summary, arg_docs = _parse_docstring(inspect.getdoc(function) or "")
     fields: dict[str, Any] = {}
-    for index, (name, parameter) in enumerate(signature.parameters.items()):
+    for index, (argument, parameter) in enumerate(signature.parameters.items()):
         if index == 0:
             continue  # the ToolContext
         default = ... if parameter.default is inspect.Parameter.empty else parameter.default
-        fields[name] = (hints[name], default)
+        fields[argument] = (hints[argument], default)
     arguments_model = create_model(
         f"{function.__name__}_arguments",
         __config__=ConfigDict(extra="forbid"),
@@ -105,17 +150,18 @@ def tool(function: ToolFunction) -> Tool:
     )
     schema = TypeAdapter(arguments_model).json_schema()
     schema.pop("title", None)
-    for name, prop in schema.get("properties", {}).items():
+    for argument, prop in schema.get("properties", {}).items():
         prop.pop("title", None)
-        if name in arg_docs:
-            prop["description"] = arg_docs[name]
+        if argument in arg_docs:
+            prop["description"] = arg_docs[argument]
     schema["additionalProperties"] = False
     return Tool(
-        name=function.__name__,
-        description=description,
+        name=name or function.__name__,
+        description=description if description is not None else summary,
         parameters=schema,
         function=function,
         validator=TypeAdapter(arguments_model),
+        approval=approval,
     )
 
 
@@ -144,11 +190,25 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
     return " ".join(summary.split()), args
 
 
-class ToolRegistry:
-    """The tools a server offers, by name."""
+class ToolSource(Protocol):
+    """Tools that come and go while the server runs (an MCP server's, say)."""
 
-    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+    def tools(self) -> Sequence[Tool]:
+        """The tools offered now; empty while the source is down."""
+        ...
+
+
+class ToolRegistry:
+    """The tools a server offers, by name: fixed ones, and those of live sources.
+
+    A live source's tools are looked up on each use, so a server that restarts or
+    changes its list changes what the next model round is offered; a name taken by a
+    fixed tool is never shadowed by a source's.
+    """
+
+    def __init__(self, tools: Iterable[Tool] = (), sources: Iterable[ToolSource] = ()) -> None:
         self._tools: dict[str, Tool] = {}
+        self._sources = list(sources)
         for t in tools:
             self.add(t)
 
@@ -157,14 +217,26 @@ class ToolRegistry:
             raise ValueError(f"tool {t.name!r} is registered twice")
         self._tools[t.name] = t
 
-    def get(self, name: str) -> Tool | None:
-        return self._tools.get(name)
+    def add_source(self, source: ToolSource) -> None:
+        self._sources.append(source)
 
-    def __iter__(self) -> Any:
-        return iter(self._tools.values())
+    def _all(self) -> dict[str, Tool]:
+        if not self._sources:
+            return self._tools
+        found = dict(self._tools)
+        for source in self._sources:
+            for t in source.tools():
+                found.setdefault(t.name, t)
+        return found
+
+    def get(self, name: str) -> Tool | None:
+        return self._tools.get(name) or (self._all().get(name) if self._sources else None)
+
+    def __iter__(self) -> Iterator[Tool]:
+        return iter(list(self._all().values()))
 
     def __len__(self) -> int:
-        return len(self._tools)
+        return len(self._all())
 
     def specs(self) -> list[ToolSpec]:
-        return [t.spec for t in self._tools.values()]
+        return [t.spec for t in self._all().values()]
