@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))  # ``python bench/mcp_overhead.py`` as well as ``-
 from bench.run import free_port  # noqa: E402
 from mcp.client import Client  # noqa: E402
 from mcp.client.stdio import StdioServerParameters  # noqa: E402
+from tests.support.process import serving  # noqa: E402
 
 from chatstream.tools.base import ToolContext  # noqa: E402
 from chatstream.tools.mcp import McpServers  # noqa: E402
@@ -52,20 +52,8 @@ def http_server() -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the MCP test server did not start") from None
-                time.sleep(0.05)
+    with serving(process, port):
         yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        process.kill()
-        process.wait(10)
 
 
 async def measure(call: Call, count: int) -> list[float]:

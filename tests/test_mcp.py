@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from chatstream.errors import ToolError
 from chatstream.tools.base import Tool, ToolContext
 from chatstream.tools.mcp import McpConfigError, McpServers
 from chatstream.tools.mcp.config import HttpTransport, StdioTransport, load_config
+from tests.support.process import serving
 from tests.support.server import free_port
 
 TEST_SERVER = Path(__file__).resolve().parent / "support" / "mcp_server.py"
@@ -74,25 +74,6 @@ def http_server(log: Path, token: str | None = None, port: int | None = None) ->
     process = subprocess.Popen(command, env={**os.environ, "MCP_TEST_LOG": str(log)})
     with serving(process, port):
         yield f"http://127.0.0.1:{port}/mcp"
-
-
-@contextmanager
-def serving(process: subprocess.Popen[bytes], port: int) -> Iterator[None]:
-    """Wait until ``process`` listens on ``port``; kill it when the block ends."""
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{process.args!r} did not start") from None
-                time.sleep(0.05)
-        yield
-    finally:
-        process.kill()
-        process.wait(10)
 
 
 @asynccontextmanager
@@ -553,7 +534,12 @@ def everything_server() -> list[str]:
     """The command of the pinned server-everything, installed with ``npm ci`` when missing."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
-        pytest.skip("@modelcontextprotocol/server-everything needs Node.js and npm")
+        # As for Bruno's CLI: never skipped, since the suite's own setup can install it.
+        pytest.fail(
+            "@modelcontextprotocol/server-everything needs Node.js and npm, and "
+            f"{'node' if node is None else 'npm'} is not on PATH "
+            "(Debian: apt-get install nodejs npm)."
+        )
     entry = EVERYTHING / "dist" / "index.js"
     if not entry.exists():
         command = [npm, "ci", "--prefix", str(NPM_DIR), "--no-audit", "--no-fund"]

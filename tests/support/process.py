@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -60,3 +61,22 @@ def server_process(*args: str, env: dict[str, str] | None = None) -> Iterator[Se
             process.kill()
         if process.stdout is not None and not process.stdout.closed:
             process.communicate()
+
+
+@contextmanager
+def serving(process: subprocess.Popen[bytes], port: int) -> Iterator[None]:
+    """Wait until ``process`` listens on ``port``; kill it when the block ends."""
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{process.args!r} did not start") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        process.kill()
+        process.wait(10)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import redis
 
+from tests.support.proxy import CuttingProxy
 from tests.support.server import free_port
 
 
@@ -120,18 +121,17 @@ def own_redis_server(directory: Path) -> Iterator[RedisServer]:
             server.process.wait(10)
 
 
-class RedisLink:
+class RedisLink(CuttingProxy):
     """A loopback relay to Redis for one server instance, so that it alone can be cut off.
 
     ``sever()`` drops its connections and refuses new ones until ``restore()``, the way a
-    network partition between one instance and Redis looks to that instance.
+    network partition between one instance and Redis looks to that instance. Its relays
+    are tracked, so that closing the link waits for each to see its connection drop.
     """
 
     def __init__(self, port: int) -> None:
-        self.target_port = port
-        self.port = 0
+        super().__init__("127.0.0.1", port)
         self.severed = False
-        self._writers: set[asyncio.StreamWriter] = set()
         self._relays: set[asyncio.Task[None]] = set()
 
     @property
@@ -140,19 +140,10 @@ class RedisLink:
 
     def sever(self) -> None:
         self.severed = True
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
+        self.cut()
 
     def restore(self) -> None:
         self.severed = False
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.transport.abort()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.severed:
@@ -162,13 +153,7 @@ class RedisLink:
         assert relay is not None
         self._relays.add(relay)
         relay.add_done_callback(self._relays.discard)
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers.update((writer, up_writer))
-        try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-        finally:
-            self._writers.discard(writer)
-            self._writers.discard(up_writer)
+        await super()._handle(reader, writer)
 
 
 @contextlib.asynccontextmanager
