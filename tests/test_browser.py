@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,28 @@ RECORD_ANSWER = """() => {
       typing: !answer.querySelector(".typing").hidden,
       busy: answer.getAttribute("aria-busy") === "true",
       stop: !document.querySelector("#stop").disabled,
+    });
+  }).observe(log, { childList: true, subtree: true, characterData: true, attributes: true });
+}"""
+
+MCP_TEST_SERVER = Path(__file__).parent / "support" / "mcp_server.py"
+
+# Records every state of the newest tool card, so a test can tell what it showed before
+# its result came, however loaded the machine.
+RECORD_TOOL_CARD = """() => {
+  window.__cards = [];
+  const log = document.querySelector("#log");
+  new MutationObserver(() => {
+    const card = [...log.querySelectorAll(".tool")].pop();
+    if (!card) return;
+    const bar = card.querySelector("[role=progressbar]");
+    window.__cards.push({
+      running: card.classList.contains("running"),
+      progress: card.querySelector(".tool-progress").textContent,
+      percent: bar.hidden ? null : bar.getAttribute("aria-valuenow"),
+      result: card.querySelector(".tool-result").hidden
+        ? null
+        : card.querySelector(".tool-result").textContent,
     });
   }).observe(log, { childList: true, subtree: true, characterData: true, attributes: true });
 }"""
@@ -136,6 +159,19 @@ def showing_step(page: Page, message: str, percent: int) -> None:
     )
 
 
+def with_mcp(settings: Settings, tmp_path: Path, server: str) -> Settings:
+    """Settings that offer the tools of the test MCP server (over stdio) as ``server``."""
+    config = {"mcpServers": {server: {"command": sys.executable, "args": [str(MCP_TEST_SERVER)]}}}
+    path = tmp_path / "mcp.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return settings.with_(model="scripted:10", mcp_config=str(path))
+
+
+def mcp_ready(live: LiveServer, server: str) -> None:
+    health = httpx.get(f"{live.url}/api/health", timeout=10).json()
+    assert health["mcp"][server]["status"] == "ready", health
+
+
 def stored(live: LiveServer, page: Page) -> dict[str, Any]:
     """The page's session as the server stored it."""
     session_id = page.locator("#log").get_attribute("data-session-id")
@@ -203,6 +239,44 @@ def test_a_tool_runs_as_a_card_with_live_progress_and_its_result(
                 "Here is what I found: " + card.locator(".tool-result").inner_text()
             )
             page.screenshot(path=tmp_path / "tool-done.png")
+
+
+def test_an_mcp_tool_runs_as_a_card_with_live_progress_and_its_result(
+    page: Page, settings: Settings, tmp_path: Path
+) -> None:
+    with live_server(with_mcp(settings, tmp_path, "test")) as live:
+        mcp_ready(live, "test")
+        page.goto(live.url)
+        page.evaluate(RECORD_TOOL_CARD)
+        send(page, 'call test__count {"steps": 4, "delay": 0.5}')
+        card = page.locator(".tool")
+        expect(card.locator(".tool-name")).to_have_text("test__count")
+        expect(card.locator(".tool-args")).to_have_text("steps: 4, delay: 0.5")
+        # The server's progress shows while the call runs: its message, and progress/total
+        # as the bar. Each step lasts 0.5 s; showing_step checks on every animation frame.
+        showing_step(page, "counted 1", 25)
+        page.screenshot(path=tmp_path / "mcp-tool-running.png")
+        showing_step(page, "counted 2", 50)
+        expect(card.locator(".tool-result")).to_be_hidden()
+
+        expect(card).to_have_class("tool ok")
+        expect(card.locator(".tool-state")).to_have_text("Done")
+        expect(card.locator(".tool-result")).to_have_text("counted to 4")
+        expect(card.get_by_role("progressbar")).to_be_hidden()
+        wait_until_answered(page)
+        expect(page.locator(".msg.assistant .text").last).to_have_text(
+            "Here is what I found: counted to 4"
+        )
+        page.screenshot(path=tmp_path / "mcp-tool-done.png")
+
+        # Every step was shown in turn, with progress/total as the bar, before the result.
+        seen: list[dict[str, Any]] = page.evaluate("window.__cards")
+        shown = [(s["progress"], s["percent"]) for s in seen if s["running"] and s["progress"]]
+        steps = list(dict.fromkeys(shown))
+        assert steps[:3] == [("counted 1", "25"), ("counted 2", "50"), ("counted 3", "75")], seen
+        assert all(s["result"] is None for s in seen if s["running"]), seen
+        first_result = next(i for i, s in enumerate(seen) if s["result"] is not None)
+        assert all(not s["running"] for s in seen[first_result:]), seen
 
 
 def test_a_failing_tool_shows_its_error_and_the_answer_goes_on(
@@ -374,6 +448,29 @@ def test_the_page_fits_a_phone_screen_in_dark_mode(
             page.get_by_role("button", name="New chat").click()
             expect(chats).to_be_hidden()
             expect(page.locator(".msg")).to_have_count(0)
+    finally:
+        context.close()
+
+
+def test_a_long_mcp_tool_name_fits_a_phone_screen(
+    browser: Browser, settings: Settings, tmp_path: Path
+) -> None:
+    server = "chatstream_test_server_with_a_long_name"
+    context = browser.new_context(viewport={"width": 390, "height": 844}, has_touch=True)
+    try:
+        page = context.new_page()
+        with live_server(with_mcp(settings, tmp_path, server)) as live:
+            mcp_ready(live, server)
+            page.goto(live.url)
+            send(page, f'call {server}__count {{"steps": 2, "delay": 0.1}}')
+            card = page.locator(".tool")
+            expect(card.locator(".tool-name")).to_have_text(f"{server}__count")
+            expect(card).to_have_class("tool ok")
+            wait_until_answered(page)
+            page.screenshot(path=tmp_path / "phone-mcp-tool.png")
+            assert page.evaluate("document.scrollingElement.scrollWidth") <= 390
+            expect(card.locator(".tool-name")).to_be_in_viewport(ratio=1)
+            expect(card.locator(".tool-state")).to_be_in_viewport(ratio=1)
     finally:
         context.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import select
@@ -13,6 +14,7 @@ import termios
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -27,6 +29,8 @@ SPINNER_FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"  # rich's "dots"
 ANSI = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][A-Z0-9]|[\x01\x02]"
 )
+
+MCP_TEST_SERVER = Path(__file__).parent / "support" / "mcp_server.py"
 
 
 def chat_command(url: str, *args: str) -> list[str]:
@@ -52,6 +56,18 @@ def piped(url: str, stdin: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.fixture
+def mcp_server(settings: Settings, tmp_path: Path) -> Iterator[LiveServer]:
+    """A server offering the test MCP server's tools (over stdio) as ``test__<tool>``."""
+    config = {"mcpServers": {"test": {"command": sys.executable, "args": [str(MCP_TEST_SERVER)]}}}
+    path = tmp_path / "mcp.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    with live_server(settings.with_(mcp_config=str(path))) as live:
+        health = httpx.get(f"{live.url}/api/health", timeout=10).json()
+        assert health["mcp"]["test"]["status"] == "ready", health
+        yield live
+
+
 # -- in a pipe ------------------------------------------------------------------
 
 
@@ -69,11 +85,25 @@ def test_echo_into_the_chat_prints_tool_progress_and_one_result_line(server: Liv
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert "\x1b" not in done.stdout
-    assert lines[0] == "  · get_weather: Finding Seoul…"
+    assert lines[0] == "  · get_weather: Finding Seoul… 10%"
     result = next(line for line in lines if line.startswith("✗"))
     assert result.startswith(f'✗ get_weather(location="Seoul") → {UNREACHABLE}')
     assert lines[-1].startswith("Here is what I found: get_weather failed:")
     assert len([line for line in lines if "get_weather(" in line]) == 1  # folded into one line
+
+
+def test_piped_chat_prints_an_mcp_tools_progress_before_its_result(
+    mcp_server: LiveServer,
+) -> None:
+    done = piped(mcp_server.url, 'call test__count {"steps": 3, "delay": 0.1}\n')
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "  · test__count: counted 1 33%",
+        "  · test__count: counted 2 67%",
+        "  · test__count: counted 3 100%",
+        "✓ test__count(steps=3, delay=0.1) → counted to 3",
+        "Here is what I found: counted to 3",
+    ]
 
 
 def test_the_readmes_arithmetic_example_calls_the_calculator(server: LiveServer) -> None:
@@ -235,3 +265,23 @@ def test_in_a_terminal_ctrl_c_stops_the_answer_and_the_chat_goes_on(
         term.send("/exit\r")
         assert term.wait() == 0
     assert "\x1b[" in term.raw.decode(errors="replace")  # a terminal gets colour
+
+
+def test_in_a_terminal_an_mcp_tool_shows_live_progress_then_its_result(
+    mcp_server: LiveServer,
+) -> None:
+    with terminal(chat_command(mcp_server.url)) as term:
+        term.expect("you > ")
+        term.send('call test__count {"steps": 4, "delay": 0.6}\r')
+        # While the call runs: its spinner line with the server's message and progress/total…
+        call = "test__count(steps=4, delay=0.6)"
+        spinning = term.expect(f"{call} · counted 1 25%")
+        assert spinning.rstrip()[-1] in SPINNER_FRAMES
+        term.expect(f"{call} · counted 2 50%")
+        term.expect(f"{call} · counted 3 75%")
+        # …then one line with its result, and the answer.
+        term.expect(f"✓ {call} → counted to 4")
+        term.expect("Here is what I found: counted to 4")
+        term.expect("you > ")
+        term.send("/exit\r")
+        assert term.wait() == 0

@@ -1,10 +1,11 @@
 """The terminal chat behind ``chatstream chat``.
 
-Tokens are printed as they arrive. Each running tool gets a spinner line with
-its latest progress message, folded into one ✓/✗ line with its result when the
-tool finishes. When stdout is not a terminal the same things come out as plain
-lines, with no colour and no spinners, so ``echo hello | chatstream chat``
-prints the answer.
+Tokens are printed as they arrive. Each running tool, built-in or an MCP
+server's, gets a spinner line with its latest progress message and, when the
+tool gives one, how far along it is (``42%``), folded into one ✓/✗ line with
+its result when the tool finishes. When stdout is not a terminal the same
+things come out as plain lines, with no colour and no spinners, so
+``echo hello | chatstream chat`` prints the answer.
 
 Lines read from stdin are messages, except ``/new`` (start a new session),
 ``/history`` (this session so far) and ``/exit``. Ctrl-C while an answer is
@@ -98,7 +99,10 @@ class PlainRenderer:
         elif isinstance(event, ToolCall):
             self.calls[event.id] = describe_call(event.tool, event.args)
         elif isinstance(event, ToolProgress):
-            self._line(f"  · {event.tool}: {one_line(event.message)}")
+            # The fraction as the terminal's spinner line shows it: an MCP server's
+            # progress/total, or a built-in's own estimate.
+            done = "" if event.progress is None else f" {event.progress:.0%}"
+            self._line(f"  · {event.tool}: {one_line(event.message)}{done}")
         elif isinstance(event, ToolResult):
             mark = "✗" if event.is_error else "✓"
             call = self.calls.pop(event.id, event.tool)

@@ -131,7 +131,7 @@ class ToolCard {
         "div",
         { className: "tool-head" },
         h("span", { className: "tool-icon", "aria-hidden": "true" }),
-        h("code", { className: "tool-name" }, tool),
+        h("code", { className: "tool-name" }, ...nameParts(tool)),
         this.state,
       ),
       args && Object.keys(args).length
@@ -170,6 +170,22 @@ class ToolCard {
     this.element.classList.add("stopped");
     this.state.textContent = "Stopped";
   }
+}
+
+/**
+ * A tool's name as parts: an MCP tool's `<server>__` prefix (up to 64 characters
+ * with the tool's own name) is set apart, with a place to break the line after it,
+ * so the tool's own name stands out and a long name wraps instead of pushing the
+ * card's state off a phone's screen. The text stays the name the model called.
+ */
+function nameParts(tool) {
+  const cut = tool.indexOf("__");
+  if (cut <= 0 || cut + 2 >= tool.length) return [tool];
+  return [
+    h("span", { className: "tool-server" }, tool.slice(0, cut + 2)),
+    h("wbr"),
+    tool.slice(cut + 2),
+  ];
 }
 
 function formatArgs(args) {
