@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import httpx
 import pytest
 
 from chatstream.config import Settings
-from chatstream.errors import ModelError
 from chatstream.messages import (
     INTERRUPTED_NOTE,
     Message,
@@ -21,18 +17,19 @@ from chatstream.messages import (
     user,
 )
 from chatstream.models.anthropic import AnthropicModel, MessagesReader, anthropic_messages
-from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
+from chatstream.models.base import ModelEvent, TextDelta, Usage
 from tests.fakes.anthropic_upstream import FakeAnthropic, HTTPError, Raw, ToolUse
 from tests.fakes.anthropic_upstream import Message as Reply
 from tests.fakes.openai_upstream import sse
-from tests.support.server import live_server
-from tests.support.sse import stream
-from tests.test_model_openai import WRONG_TYPES, assert_well_typed, places, replaced
-
-WEATHER = ToolSpec(
-    "get_weather",
-    "Current weather for a place.",
-    {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]},
+from tests.support.models import (
+    WEATHER,
+    assert_a_malformed_chunk_fails_the_turn_and_keeps_its_text,
+    assert_cancelling_the_consumer_closes_the_upstream_connection,
+    assert_closing_the_stream_closes_the_upstream_connection,
+    assert_no_wrong_type_gets_past_the_reader,
+    assert_tokens_are_yielded_while_the_upstream_is_still_sending,
+    collect,
+    collect_until_error,
 )
 
 
@@ -48,24 +45,6 @@ async def model(upstream: FakeAnthropic) -> AsyncIterator[AnthropicModel]:
     model = AnthropicModel("claude-test", base_url=upstream.url, api_key="sk-ant-test")
     yield model
     await model.aclose()
-
-
-async def collect(
-    model: AnthropicModel,
-    messages: Sequence[Message] = (user("hi"),),
-    tools: Sequence[ToolSpec] = (),
-) -> list[ModelEvent]:
-    async with aclosing(model.stream(messages, tools)) as events:  # type: ignore[type-var]
-        return [event async for event in events]
-
-
-async def collect_until_error(model: AnthropicModel) -> tuple[list[ModelEvent], ModelError]:
-    seen: list[ModelEvent] = []
-    with pytest.raises(ModelError) as caught:
-        async with aclosing(model.stream([user("hi")], [])) as events:  # type: ignore[type-var]
-            async for event in events:
-                seen.append(event)
-    return seen, caught.value
 
 
 async def test_text_streams_as_deltas_in_order_then_usage(
@@ -313,17 +292,8 @@ async def test_tokens_are_yielded_while_the_upstream_is_still_sending(
 ) -> None:
     upstream.enqueue(Reply(text=["first", " second"], hold_after=3, usage=(1, 2)))
 
-    async with aclosing(model.stream([user("hi")], [])) as events:  # type: ignore[type-var]
-        async with asyncio.timeout(5):
-            first = await anext(events)
-        assert first == TextDelta("first")
-        # The fake sends the rest only once released: the first token came through alone.
-        assert await upstream.wait_for_held()
-        assert not upstream.requests[-1].completed
-        upstream.release()
-        rest = [event async for event in events]
-
-    assert rest == [TextDelta(" second"), Usage(1, 2)]
+    rest: list[ModelEvent] = [TextDelta(" second"), Usage(1, 2)]
+    await assert_tokens_are_yielded_while_the_upstream_is_still_sending(model, upstream, rest)
 
 
 async def test_closing_the_stream_closes_the_upstream_connection(
@@ -331,11 +301,7 @@ async def test_closing_the_stream_closes_the_upstream_connection(
 ) -> None:
     upstream.enqueue(Reply(text=["first", " second"], hold_after=3))
 
-    async with aclosing(model.stream([user("hi")], [])) as events:  # type: ignore[type-var]
-        assert await anext(events) == TextDelta("first")
-
-    assert await upstream.wait_for_disconnect(within=2)
-    assert upstream.requests[-1].disconnected
+    await assert_closing_the_stream_closes_the_upstream_connection(model, upstream)
 
 
 async def test_cancelling_the_consumer_task_closes_the_upstream_connection(
@@ -343,18 +309,7 @@ async def test_cancelling_the_consumer_task_closes_the_upstream_connection(
 ) -> None:
     upstream.enqueue(Reply(text=["first", " second"], hold_after=3))
 
-    async def consume() -> None:
-        async with aclosing(model.stream([user("hi")], [])) as events:  # type: ignore[type-var]
-            async for _ in events:
-                pass
-
-    task = asyncio.create_task(consume())
-    assert await upstream.wait_for_held()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-
-    assert await upstream.wait_for_disconnect(within=2)
+    await assert_cancelling_the_consumer_closes_the_upstream_connection(model, upstream)
 
 
 async def test_connection_is_reused_across_turns(
@@ -387,8 +342,6 @@ def test_tool_rounds_become_text_when_a_request_offers_no_tools() -> None:
 
 
 # -- a provider that breaks its wire format --------------------------------------------
-
-MALFORMED = "anthropic:fake-model: the model provider sent a malformed stream chunk."
 
 
 def _text_delta(text: Any) -> dict[str, Any]:
@@ -467,30 +420,9 @@ async def test_a_malformed_event_is_a_model_error_and_the_partial_answer_is_kept
 ) -> None:
     upstream.enqueue(Reply(text=["Once", " upon"], inject=events, usage=(9, 2)))
     monkeypatch.setenv("ANTHROPIC_BASE_URL", upstream.url)
-    with live_server(settings.with_(model="anthropic:fake-model")) as live:
-        async with httpx.AsyncClient(base_url=live.url, timeout=30) as http:
-            params = {"message": "tell me", "sessionId": "malformed"}
-            result = await stream(http, "GET", "/api/chat/stream", params=params)
-            session = await http.get("/api/chat/sessions/malformed")
 
-    assert result.types == ["token", "token", "error"]
-    assert [token["content"] for token in result.of("token")] == ["Once", " upon"]
-    assert result.data[-1] == {"code": "MODEL_ERROR", "message": MALFORMED}
-    assert session.status_code == 200
-    stored = session.json()["messages"]
-    assert stored[-1] == {
-        "role": "assistant",
-        "content": "Once upon",
-        "interrupted": True,
-        "createdAt": stored[-1]["createdAt"],
-    }
-
-
-PLAIN_ERRORS = {
-    "anthropic:test: the model provider sent a malformed stream chunk.",
-    "anthropic:test: the model sent a tool call without a name",
-    "anthropic:test: the stream ended before the answer finished",
-}
+    model = "anthropic:fake-model"
+    await assert_a_malformed_chunk_fails_the_turn_and_keeps_its_text(settings, model)
 
 
 def test_no_event_of_any_shape_gets_past_the_reader_with_a_wrong_type() -> None:
@@ -509,21 +441,4 @@ def test_no_event_of_any_shape_gets_past_the_reader_with_a_wrong_type() -> None:
         _usage("message_delta", output_tokens=2),
         {"type": "message_stop"},
     ]
-    tried = 0
-    for number, event in enumerate(well_formed):
-        for path in places(event):
-            for wrong in WRONG_TYPES:
-                mutated = list(well_formed)
-                mutated[number] = replaced(event, path, wrong)
-                reader = MessagesReader("anthropic:test")
-                events = reader.feed(b"".join(sse(e) for e in mutated))  # must not raise
-                error = reader.error
-                if error is None:
-                    try:
-                        events += reader.finish()
-                    except ModelError as exc:
-                        error = exc
-                assert error is None or error.message in PLAIN_ERRORS
-                assert_well_typed(events)
-                tried += 1
-    assert tried > 300
+    assert_no_wrong_type_gets_past_the_reader(MessagesReader, "anthropic:test", well_formed)

@@ -5,28 +5,28 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import trustme
 
 from chatstream.config import Settings
-from chatstream.errors import ModelError, ModelTimeout
+from chatstream.errors import ModelTimeout
 from chatstream.messages import Message, ToolCallRequest, assistant, tool_result, user
-from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
+from chatstream.models.base import ModelEvent, TextDelta, Usage
 from chatstream.models.openai import ChatCompletionsReader, OpenAIModel
 from tests.fakes.openai_upstream import Call, Completion, FakeOpenAI, HTTPError, Raw, sse
-from tests.support.server import live_server
-from tests.support.sse import stream
-
-WEATHER = ToolSpec(
-    "get_weather",
-    "Current weather for a place.",
-    {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]},
+from tests.support.models import (
+    WEATHER,
+    assert_a_malformed_chunk_fails_the_turn_and_keeps_its_text,
+    assert_cancelling_the_consumer_closes_the_upstream_connection,
+    assert_closing_the_stream_closes_the_upstream_connection,
+    assert_no_wrong_type_gets_past_the_reader,
+    assert_tokens_are_yielded_while_the_upstream_is_still_sending,
+    collect,
+    collect_until_error,
 )
 
 
@@ -42,24 +42,6 @@ async def model(upstream: FakeOpenAI) -> AsyncIterator[OpenAIModel]:
     model = OpenAIModel("gpt-test", base_url=upstream.url, api_key="sk-test")
     yield model
     await model.aclose()
-
-
-async def collect(
-    model: OpenAIModel,
-    messages: Sequence[Message] = (user("hi"),),
-    tools: Sequence[ToolSpec] = (),
-) -> list[ModelEvent]:
-    async with aclosing(model.stream(messages, tools)) as events:  # type: ignore[type-var]
-        return [event async for event in events]
-
-
-async def collect_until_error(model: OpenAIModel) -> tuple[list[ModelEvent], ModelError]:
-    seen: list[ModelEvent] = []
-    with pytest.raises(ModelError) as caught:
-        async with aclosing(model.stream([user("hi")], [])) as events:  # type: ignore[type-var]
-            async for event in events:
-                seen.append(event)
-    return seen, caught.value
 
 
 async def test_text_streams_as_deltas_in_order_then_usage(
@@ -435,18 +417,8 @@ async def test_tokens_are_yielded_while_the_upstream_is_still_sending(
 ) -> None:
     upstream.enqueue(Completion(text=["first", " second"], hold_after=1, usage=(1, 2)))
 
-    async with aclosing(model.stream([user("hi")], [])) as events:  # type: ignore[type-var]
-        async with asyncio.timeout(5):
-            first = await anext(events)
-        assert first == TextDelta("first")
-        # The fake sends the rest only once released: the first token came through alone.
-        assert await upstream.wait_for_held()
-        assert not upstream.requests[-1].completed
-        upstream.release()
-        rest = [event async for event in events]
-
-    assert rest == [TextDelta(" second"), Usage(1, 2)]
-    assert await upstream.wait_for(lambda: upstream.requests[-1].completed)
+    rest: list[ModelEvent] = [TextDelta(" second"), Usage(1, 2)]
+    await assert_tokens_are_yielded_while_the_upstream_is_still_sending(model, upstream, rest)
 
 
 async def test_closing_the_stream_closes_the_upstream_connection(
@@ -454,32 +426,15 @@ async def test_closing_the_stream_closes_the_upstream_connection(
 ) -> None:
     upstream.enqueue(Completion(text=["first", " second"], hold_after=1))
 
-    async with aclosing(model.stream([user("hi")], [])) as events:  # type: ignore[type-var]
-        assert await anext(events) == TextDelta("first")
-
-    assert await upstream.wait_for_disconnect(within=2)
-    assert upstream.requests[-1].disconnected
+    await assert_closing_the_stream_closes_the_upstream_connection(model, upstream)
 
 
 async def test_cancelling_the_consumer_task_closes_the_upstream_connection(
     upstream: FakeOpenAI, model: OpenAIModel
 ) -> None:
     upstream.enqueue(Completion(text=["first", " second"], hold_after=1))
-    seen: list[ModelEvent] = []
 
-    async def consume() -> None:
-        async with aclosing(model.stream([user("hi")], [])) as events:  # type: ignore[type-var]
-            async for event in events:
-                seen.append(event)
-
-    task = asyncio.create_task(consume())
-    assert await upstream.wait_for_held()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-
-    assert seen == [TextDelta("first")]
-    assert await upstream.wait_for_disconnect(within=2)
+    await assert_cancelling_the_consumer_closes_the_upstream_connection(model, upstream)
 
 
 async def test_connection_is_reused_across_turns(upstream: FakeOpenAI, model: OpenAIModel) -> None:
@@ -517,8 +472,11 @@ async def test_the_fake_speaks_what_the_official_sdk_reads(upstream: FakeOpenAI)
     fragments = [f for c in chunks if c.choices for f in (c.choices[0].delta.tool_calls or [])]
     assert text == "Hi"
     assert fragments[0].id == "call_x"
-    assert "".join(f.function.arguments or "" for f in fragments) == '{"location":"Seoul"}'
-    assert chunks[-1].usage.prompt_tokens == 5
+    assert all(f.function is not None for f in fragments)
+    arguments = "".join(f.function.arguments or "" for f in fragments if f.function)
+    assert arguments == '{"location":"Seoul"}'
+    usage = chunks[-1].usage
+    assert usage is not None and usage.prompt_tokens == 5
 
 
 async def test_events_cut_at_any_byte_and_crlf_line_ends_are_read_alike(
@@ -552,8 +510,6 @@ async def test_events_cut_at_any_byte_and_crlf_line_ends_are_read_alike(
 
 
 # -- a provider that breaks its wire format --------------------------------------------
-
-MALFORMED = "openai:fake-model: the model provider sent a malformed stream chunk."
 
 
 def _delta(delta: Any, **choice: Any) -> dict[str, Any]:
@@ -617,62 +573,8 @@ async def test_a_malformed_chunk_is_a_model_error_and_the_partial_answer_is_kept
 ) -> None:
     upstream.enqueue(Completion(text=["Once", " upon"], inject=chunks, usage=(9, 2)))
     monkeypatch.setenv("OPENAI_BASE_URL", upstream.url)
-    with live_server(settings.with_(model="openai:fake-model")) as live:
-        async with httpx.AsyncClient(base_url=live.url, timeout=30) as http:
-            params = {"message": "tell me", "sessionId": "malformed"}
-            result = await stream(http, "GET", "/api/chat/stream", params=params)
-            session = await http.get("/api/chat/sessions/malformed")
 
-    assert result.types == ["token", "token", "error"]
-    assert [token["content"] for token in result.of("token")] == ["Once", " upon"]
-    assert result.data[-1] == {"code": "MODEL_ERROR", "message": MALFORMED}
-    assert session.status_code == 200
-    stored = session.json()["messages"]
-    assert stored[-1] == {
-        "role": "assistant",
-        "content": "Once upon",
-        "interrupted": True,
-        "createdAt": stored[-1]["createdAt"],
-    }
-
-
-def places(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
-    """Every place in a JSON value: itself, and each item and field, depth first."""
-    yield path
-    if isinstance(value, dict | list):
-        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
-            yield from places(item, (*path, key))
-
-
-def replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
-    """A copy of a JSON value with ``new`` at ``path``."""
-    if not path:
-        return new
-    copy = dict(value) if isinstance(value, dict) else list(value)
-    copy[path[0]] = replaced(value[path[0]], path[1:], new)
-    return copy
-
-
-WRONG_TYPES: list[Any] = [None, 5, -1, 2.5, True, False, "", "x", [], [1], {}, {"a": 1}]
-
-
-def assert_well_typed(events: Sequence[ModelEvent]) -> None:
-    """Text is a string, a tool call has string id and name and an object of arguments..."""
-    for event in events:
-        if isinstance(event, TextDelta):
-            assert type(event.text) is str
-        elif isinstance(event, ToolCallRequest):
-            assert (type(event.id), type(event.name), type(event.arguments)) == (str, str, dict)
-        else:
-            assert type(event.prompt_tokens) is type(event.completion_tokens) is int
-            assert event.prompt_tokens >= 0 and event.completion_tokens >= 0
-
-
-PLAIN_ERRORS = {
-    "openai:test: the model provider sent a malformed stream chunk.",
-    "openai:test: the model sent a tool call without a name",
-    "openai:test: the stream ended before the answer finished",
-}
+    await assert_a_malformed_chunk_fails_the_turn_and_keeps_its_text(settings, "openai:fake-model")
 
 
 def test_no_chunk_of_any_shape_gets_past_the_reader_with_a_wrong_type() -> None:
@@ -684,22 +586,6 @@ def test_no_chunk_of_any_shape_gets_past_the_reader_with_a_wrong_type() -> None:
         _delta({}, finish_reason="tool_calls"),
         _usage(),
     ]
-    tried = 0
-    for number, chunk in enumerate(chunks):
-        for path in places(chunk):
-            for wrong in WRONG_TYPES:
-                mutated = list(chunks)
-                mutated[number] = replaced(chunk, path, wrong)
-                body = b"".join(sse(c) for c in mutated) + sse("[DONE]")
-                reader = ChatCompletionsReader("openai:test")
-                events = reader.feed(body)  # must not raise
-                error = reader.error
-                if error is None:
-                    try:
-                        events += reader.finish()
-                    except ModelError as exc:
-                        error = exc
-                assert error is None or error.message in PLAIN_ERRORS
-                assert_well_typed(events)
-                tried += 1
-    assert tried > 300
+    assert_no_wrong_type_gets_past_the_reader(
+        ChatCompletionsReader, "openai:test", chunks, end=sse("[DONE]")
+    )

@@ -21,7 +21,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -30,16 +30,16 @@ from chatstream.errors import ModelError
 from chatstream.messages import Message, ToolCallRequest, model_text
 from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
 from chatstream.models.http import (
+    HTTPModel,
     Malformed,
-    SSEDecoder,
-    UpstreamClient,
+    StreamReader,
     count_field,
     error_detail,
     index_field,
+    load_object,
     malformed_chunk,
     object_field,
     parse_arguments,
-    stream_events,
     text_field,
 )
 
@@ -120,28 +120,16 @@ class _Block:
         self.pieces: list[str] = []
 
 
-class MessagesReader:
+class MessagesReader(StreamReader):
     """Reads a Messages API stream: typed events from message_start to message_stop."""
 
-    __slots__ = ("_blocks", "_decoder", "_input", "_name", "_output", "done", "error")
+    __slots__ = ("_blocks", "_input", "_output")
 
     def __init__(self, name: str) -> None:
-        self._name = name
-        self._decoder = SSEDecoder()
+        super().__init__(name)
         self._blocks: dict[int, _Block] = {}
         self._input = 0
         self._output = 0
-        self.done = False
-        self.error: ModelError | None = None
-
-    def feed(self, chunk: bytes) -> list[ModelEvent]:
-        """Take the next bytes of the body; return the events they complete."""
-        events: list[ModelEvent] = []
-        try:
-            self._read(chunk, events)
-        except ModelError as exc:
-            self.error = exc
-        return events
 
     def finish(self) -> list[ModelEvent]:
         """The body ended: nothing is left, or it ended before ``message_stop``."""
@@ -153,7 +141,7 @@ class MessagesReader:
         data = b""
         try:
             for data in self._decoder.feed(chunk):
-                event = _load(data)
+                event = load_object(data)
                 kind = event.get("type")
                 if kind == "content_block_delta":
                     # The per-token path: plain lookups; the checking helpers only off it.
@@ -219,22 +207,12 @@ class MessagesReader:
         return ToolCallRequest(id=block.id, name=block.name, arguments=arguments)
 
 
-def _load(data: bytes) -> dict[str, Any]:
-    try:
-        event = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise Malformed("not JSON") from None
-    if type(event) is not dict:
-        raise Malformed(f"a JSON {type(event).__name__}, not an object")
-    return event
-
-
 def _index(event: dict[str, Any]) -> int:
     index = index_field(event)
     return -1 if index is None else index
 
 
-class AnthropicModel:
+class AnthropicModel(HTTPModel):
     """A Claude model behind Anthropic's ``/v1/messages`` endpoint, streamed."""
 
     def __init__(
@@ -247,7 +225,6 @@ class AnthropicModel:
         timeout: float = 120.0,
     ) -> None:
         self.model = model
-        self.name = f"anthropic:{model}"
         self.max_tokens = max_tokens
         base = base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL
         self.base_url = base.rstrip("/")
@@ -261,7 +238,7 @@ class AnthropicModel:
         if api_key:
             headers["x-api-key"] = api_key
         url = f"{self.base_url}/v1/messages"
-        self._client = UpstreamClient(url, headers=headers, timeout=timeout)
+        super().__init__(f"anthropic:{model}", url, headers=headers, timeout=timeout)
 
     def request_body(self, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> bytes:
         """The JSON body of one streaming request."""
@@ -278,17 +255,6 @@ class AnthropicModel:
             body["tools"] = anthropic_tools(tools)
         return orjson.dumps(body)
 
-    def stream(
-        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
-    ) -> AsyncGenerator[ModelEvent, None]:
-        """Stream one model turn: text deltas, tool calls as their blocks end, then usage."""
-        body = self.request_body(messages, tools)
-        reader = MessagesReader(self.name)
-        return stream_events(self._client, body, reader, self.name)
-
-    async def warm_up(self, tools: Sequence[ToolSpec]) -> None:
-        """Nothing to do: the model runs at the provider; the first request connects."""
-
-    async def aclose(self) -> None:
-        """Close the HTTP client and its pooled connections."""
-        await self._client.aclose()
+    def reader(self) -> MessagesReader:
+        """A reader for one answer: text deltas, tool calls as their blocks end, then usage."""
+        return MessagesReader(self.name)

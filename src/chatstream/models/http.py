@@ -1,8 +1,9 @@
 """Streaming HTTP shared by the remote models: SSE payloads, errors, and the request loop.
 
 Both OpenAI's and Anthropic's APIs answer a streaming request with Server-Sent
-Events over HTTP; what differs is the JSON inside, which each backend's
-``EventReader`` turns into model events. Everything else lives here once.
+Events over HTTP; what differs is the request body and the JSON inside, which each
+backend writes as an ``HTTPModel`` (its ``request_body``) and a ``StreamReader`` (its
+``_read`` and ``finish``). Everything else lives here once.
 
 What a ``ModelError`` says reaches the chat client, so it is a plain sentence: the
 provider's own error message is kept (cut to ``MAX_DETAIL`` characters), but exception
@@ -16,7 +17,7 @@ import logging
 import ssl
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Protocol
 
 import aiohttp
@@ -24,7 +25,8 @@ import certifi
 import orjson
 
 from chatstream.errors import ModelError, ModelTimeout
-from chatstream.models.base import ModelEvent
+from chatstream.messages import Message
+from chatstream.models.base import ModelEvent, ToolSpec
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +191,17 @@ class Malformed(Exception):
     """A field of a provider's chunk has the wrong type; a reader turns it into a ModelError."""
 
 
+def load_object(data: bytes) -> dict[str, Any]:
+    """One event's JSON, which must be an object (else ``Malformed``)."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise Malformed("not JSON") from None
+    if type(value) is not dict:
+        raise Malformed(f"a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def malformed_chunk(name: str, problem: object, data: bytes) -> ModelError:
     """The ``ModelError`` for a chunk that breaks the wire format; what was wrong is logged."""
     log.warning("%s: malformed stream chunk (%s): %r", name, problem, data[:500])
@@ -311,6 +324,71 @@ class EventReader(Protocol):
     def finish(self) -> list[ModelEvent]:
         """The body ended: return what is left, or raise ``ModelError`` if it ended early."""
         ...
+
+
+class StreamReader:
+    """The part of an ``EventReader`` both providers share: the SSE decoder, and a fault kept.
+
+    A provider's reader writes ``_read`` (append the events of the payloads in ``chunk``,
+    raise ``ModelError`` at a fault) and ``finish``.
+    """
+
+    __slots__ = ("_decoder", "_name", "done", "error")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._decoder = SSEDecoder()
+        self.done = False
+        self.error: ModelError | None = None
+
+    def feed(self, chunk: bytes) -> list[ModelEvent]:
+        """Take the next bytes of the body; return the events they complete."""
+        events: list[ModelEvent] = []
+        try:
+            self._read(chunk, events)
+        except ModelError as exc:
+            self.error = exc  # after the events before it, so the partial answer is kept
+        return events
+
+    def _read(self, chunk: bytes, events: list[ModelEvent]) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> list[ModelEvent]:
+        """The body ended: return what is left, or raise ``ModelError`` if it ended early."""
+        raise NotImplementedError
+
+
+class HTTPModel:
+    """A model behind a provider's streaming HTTP API: the request, warm-up and closing.
+
+    A provider writes ``request_body`` and ``reader``.
+    """
+
+    def __init__(self, name: str, url: str, *, headers: dict[str, str], timeout: float) -> None:
+        self.name = name
+        self._client = UpstreamClient(url, headers=headers, timeout=timeout)
+
+    def request_body(self, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> bytes:
+        """The JSON body of one streaming request."""
+        raise NotImplementedError
+
+    def reader(self) -> EventReader:
+        """A fresh reader for one answer."""
+        raise NotImplementedError
+
+    def stream(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+    ) -> AsyncGenerator[ModelEvent, None]:
+        """Stream one model turn: text deltas and tool calls as they come, then usage."""
+        body = self.request_body(messages, tools)
+        return stream_events(self._client, body, self.reader(), self.name)
+
+    async def warm_up(self, tools: Sequence[ToolSpec]) -> None:
+        """Nothing to do: the model runs at the provider; the first request connects."""
+
+    async def aclose(self) -> None:
+        """Close the HTTP client and its pooled connections."""
+        await self._client.aclose()
 
 
 async def stream_events(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -35,16 +35,16 @@ from chatstream.messages import Message, ToolCallRequest, model_text
 from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
 from chatstream.models.http import (
     RAW_ARGUMENTS,
+    HTTPModel,
     Malformed,
-    SSEDecoder,
-    UpstreamClient,
+    StreamReader,
     count_field,
     error_detail,
     index_field,
+    load_object,
     malformed_chunk,
     object_field,
     parse_arguments,
-    stream_events,
     text_field,
 )
 
@@ -94,16 +94,6 @@ def openai_tools(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
     ]
 
 
-def _load_event(data: bytes) -> dict[str, Any]:
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise Malformed("not JSON") from None
-    if type(obj) is not dict:
-        raise Malformed(f"a JSON {type(obj).__name__}, not an object")
-    return obj
-
-
 def _refusal(delta: dict[str, Any]) -> str:
     """The refusal of a delta whose content is not a non-empty string, if it has one."""
     text_field(delta, "content")  # here "" or null; any other type is malformed
@@ -133,28 +123,16 @@ class _PartialCall:
         self.arguments: list[str] = []
 
 
-class ChatCompletionsReader:
+class ChatCompletionsReader(StreamReader):
     """Reads a Chat Completions stream: content deltas, tool-call fragments, usage, [DONE]."""
 
-    __slots__ = ("_calls", "_decoder", "_finished", "_name", "_usage", "done", "error")
+    __slots__ = ("_calls", "_finished", "_usage")
 
     def __init__(self, name: str) -> None:
-        self._name = name
-        self._decoder = SSEDecoder()
+        super().__init__(name)
         self._calls: dict[int, _PartialCall] = {}
         self._usage: Usage | None = None
         self._finished = False
-        self.done = False
-        self.error: ModelError | None = None
-
-    def feed(self, chunk: bytes) -> list[ModelEvent]:
-        """Take the next bytes of the body; return the events they complete."""
-        events: list[ModelEvent] = []
-        try:
-            self._read(chunk, events)
-        except ModelError as exc:
-            self.error = exc
-        return events
 
     def _read(self, chunk: bytes, events: list[ModelEvent]) -> None:
         # The per-token hot path: plain lookups and ``type(x) is`` checks, no model per chunk.
@@ -165,7 +143,7 @@ class ChatCompletionsReader:
                     self.done = True
                     events.extend(self._rest())
                     break
-                obj = _load_event(data)
+                obj = load_object(data)
                 if (error := obj.get("error")) is not None:
                     detail = error_detail(orjson.dumps({"error": error}), "unknown error")
                     raise ModelError(f"{self._name}: the provider failed mid-stream: {detail}")
@@ -255,7 +233,7 @@ class ChatCompletionsReader:
         return done
 
 
-class OpenAIModel:
+class OpenAIModel(HTTPModel):
     """A model behind an OpenAI-compatible ``/chat/completions`` endpoint, streamed."""
 
     def __init__(
@@ -267,7 +245,6 @@ class OpenAIModel:
         timeout: float = 120.0,
     ) -> None:
         self.model = model
-        self.name = f"openai:{model}"
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip(
             "/"
         )
@@ -277,7 +254,7 @@ class OpenAIModel:
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         url = f"{self.base_url}/chat/completions"
-        self._client = UpstreamClient(url, headers=headers, timeout=timeout)
+        super().__init__(f"openai:{model}", url, headers=headers, timeout=timeout)
 
     def request_body(self, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> bytes:
         """The JSON body of one streaming request."""
@@ -291,17 +268,6 @@ class OpenAIModel:
             body["tools"] = openai_tools(tools)
         return orjson.dumps(body)
 
-    def stream(
-        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
-    ) -> AsyncGenerator[ModelEvent, None]:
-        """Stream one model turn: text deltas, then tool calls, then usage."""
-        body = self.request_body(messages, tools)
-        reader = ChatCompletionsReader(self.name)
-        return stream_events(self._client, body, reader, self.name)
-
-    async def warm_up(self, tools: Sequence[ToolSpec]) -> None:
-        """Nothing to do: the model runs at the provider; the first request connects."""
-
-    async def aclose(self) -> None:
-        """Close the HTTP client and its pooled connections."""
-        await self._client.aclose()
+    def reader(self) -> ChatCompletionsReader:
+        """A reader for one answer: text deltas, then tool calls, then usage."""
+        return ChatCompletionsReader(self.name)
