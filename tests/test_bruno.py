@@ -60,6 +60,7 @@ def test_the_collection_has_a_request_for_every_endpoint() -> None:
         "session-delete",
         "sessions-list",
         "run-cancel",
+        "run-approval",
         "tools",
         "health",
     }

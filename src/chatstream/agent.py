@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from chatstream import messages as m
+from chatstream.approvals import Answer, Gate, Pending, Verdict, iso, refusal
 from chatstream.config import ToolSettings
 from chatstream.errors import ToolError
-from chatstream.events import Event, Token, ToolCall, ToolProgress, ToolResult
+from chatstream.events import ApprovalRequired, Event, Token, ToolCall, ToolProgress, ToolResult
 from chatstream.messages import Message, ToolCallRequest
 from chatstream.models.base import Model, TextDelta, Usage
 from chatstream.models.http import RAW_ARGUMENTS
@@ -29,14 +31,23 @@ log = logging.getLogger("chatstream.agent")
 
 @dataclass(slots=True)
 class Turn:
-    """What one turn has produced so far: the messages to store and the usage spent."""
+    """What one turn has produced so far: the messages to store and the usage spent.
 
-    user: Message
+    ``user`` is None for a turn that continues a parked one (its user message is stored).
+    ``approvals`` says, per call that needed approval, how it stands (``Verdict``).
+    """
+
+    user: Message | None
+    # Stored before ``user``: the end of a parked turn that this one's message leaves.
+    prelude: list[Message] = field(default_factory=list)
     steps: list[Message] = field(default_factory=list)
     answer: list[str] = field(default_factory=list)
+    approvals: dict[str, str] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finished: bool = False
+    # Set when the server stops while a call waits: stored up to the call, to go on later.
+    parked: bool = False
 
     def to_store(self) -> list[Message]:
         """The user message, every finished tool round, and the answer.
@@ -44,9 +55,24 @@ class Turn:
         An unfinished turn (failure, cancel, lost connection) stores the text
         streamed so far as an answer marked ``interrupted``, so the session
         always alternates user/answer and the model later sees what was cut.
+        A parked turn ends at its tool round, with the calls still waiting marked
+        ``pending``: the run that continues it appends the rest.
         """
+        steps = [self._with_approvals(step) for step in self.steps]
+        head = [*self.prelude, *([self.user] if self.user is not None else [])]
+        if self.parked:
+            return [*head, *steps]
         answer = m.assistant("".join(self.answer), interrupted=not self.finished)
-        return [self.user, *self.steps, answer]
+        return [*head, *steps, answer]
+
+    def _with_approvals(self, step: Message) -> Message:
+        if not self.approvals or not any(c.id in self.approvals for c in step.tool_calls):
+            return step
+        calls = tuple(
+            replace(c, approval=self.approvals[c.id]) if c.id in self.approvals else c
+            for c in step.tool_calls
+        )
+        return replace(step, tool_calls=calls)
 
     @property
     def usage(self) -> dict[str, int]:
@@ -69,6 +95,7 @@ class Agent:
         tool_settings: ToolSettings | None = None,
         deps: object = None,
         system_prompt: str = SYSTEM_PROMPT,
+        approval_timeout_s: float = 600.0,
     ) -> None:
         self.model = model
         self.tools = tools
@@ -78,17 +105,49 @@ class Agent:
         # Handed to every tool as ``ctx.deps``: the application's own dependencies.
         self.deps = deps
         self.system_prompt = system_prompt
+        self.approval_timeout_s = approval_timeout_s
+
+    def gate(self) -> Gate:
+        """A gate for a turn run on its own, outside a run manager: answers come from
+        ``Gate.resolve`` and nothing else; an unanswered call expires."""
+
+        async def ask(calls: Sequence[Pending]) -> None:
+            return None
+
+        async def expire(call_id: str) -> Answer:
+            return Answer(call_id, Verdict.EXPIRED)
+
+        return Gate(timeout_s=self.approval_timeout_s, ask=ask, expire=expire)
 
     async def run(
-        self, history: Sequence[Message], turn: Turn, *, enable_tools: bool = True
+        self,
+        history: Sequence[Message],
+        turn: Turn,
+        *,
+        enable_tools: bool = True,
+        gate: Gate | None = None,
+        waiting: Sequence[Pending] = (),
     ) -> AsyncGenerator[Event, None]:
-        """Stream one turn's events; ``turn`` records what to store."""
-        conversation = [Message(role="system", content=self.system_prompt), *history, turn.user]
+        """Stream one turn's events; ``turn`` records what to store.
+
+        ``waiting`` continues a parked turn: ``history`` ends with its tool round, and
+        these are its calls still waiting for approval; that round is finished first.
+        """
+        gate = gate or self.gate()
+        head = [turn.user] if turn.user is not None else []
+        conversation = [Message(role="system", content=self.system_prompt), *history, *head]
         specs = self.tools.specs() if enable_tools else []
-        for round_index in range(self.max_tool_rounds + 1):
+        first_round = 0
+        if waiting:
+            calls = [ToolCallRequest(p.call_id, p.tool, p.args) for p in waiting]
+            expiry = {p.call_id: p.expires_at for p in waiting}
+            async for event in self._tool_round(calls, turn, gate, expiry):
+                yield event
+            first_round = 1
+        for round_index in range(first_round, self.max_tool_rounds + 1):
             # The last round offers no tools, so the model has to answer.
             offered = specs if round_index < self.max_tool_rounds else []
-            calls: list[ToolCallRequest] = []
+            calls = []
             turn.answer.clear()
             async with aclosing(self.model.stream(conversation + turn.steps, offered)) as stream:
                 async for item in stream:
@@ -107,30 +166,87 @@ class Agent:
                 return
             turn.steps.append(m.assistant("".join(turn.answer), tool_calls=tuple(calls)))
             turn.answer.clear()
-            results: dict[str, Message] = {}
-            try:
-                async for event in self._run_tools(calls):
-                    if isinstance(event, ToolResult):
-                        call = next(c for c in calls if c.id == event.id)
-                        results[event.id] = m.tool_result(
-                            call, event.result, is_error=event.is_error
-                        )
-                    yield event
-            finally:
-                # Keep the stored history valid for providers: every call gets a
-                # result, in the order the model asked, even when cut short.
-                turn.steps.extend(
-                    results.get(c.id)
-                    or m.tool_result(c, "The tool was stopped before it finished.", is_error=True)
-                    for c in calls
-                )
+            async for event in self._tool_round(calls, turn, gate, {}):
+                yield event
 
-    async def _run_tools(self, calls: list[ToolCallRequest]) -> AsyncIterator[Event]:
-        """Run calls concurrently; yield each call, then progress and results as they happen."""
-        updates: asyncio.Queue[Event] = asyncio.Queue()
+    def needs_approval(self, call: ToolCallRequest) -> bool:
+        try:
+            tool = self.tools.get(call.name)
+        except Exception:
+            # A registry that cannot look the call up cannot run it either: it fails in
+            # ``_call`` with a result, as any other broken call does.
+            return False
+        return tool is not None and tool.approval and RAW_ARGUMENTS not in call.arguments
+
+    async def _tool_round(
+        self, calls: list[ToolCallRequest], turn: Turn, gate: Gate, expiry: dict[str, float]
+    ) -> AsyncGenerator[Event, None]:
+        """Run one round's calls, asking first for those that need approval; every call
+        ends up with a result in ``turn.steps``, in the order the model asked."""
         for call in calls:
             yield ToolCall(id=call.id, tool=call.name, args=call.arguments)
-        tasks = [asyncio.create_task(self._run_one(call, updates)) for call in calls]
+        now = time.time()
+        asks = [
+            Pending(c.id, c.name, c.arguments, expiry.get(c.id, now + gate.timeout_s))
+            for c in calls
+            if self.needs_approval(c)
+        ]
+        results: dict[str, Message] = {}
+        try:
+            if asks:
+                # Asked together, before anyone can see the request: an answer that comes
+                # the moment the event is read must find the call waiting.
+                for ask in asks:
+                    turn.approvals[ask.call_id] = Verdict.PENDING
+                await gate.ask(asks)
+                for ask in asks:
+                    if gate.is_pending(ask.call_id):
+                        yield ApprovalRequired(ask.call_id, ask.tool, ask.args, iso(ask.expires_at))
+            waits = {ask.call_id: ask for ask in asks}
+            async for event in self._run_tools(calls, turn, gate, waits):
+                if isinstance(event, ToolResult):
+                    call = next(c for c in calls if c.id == event.id)
+                    results[event.id] = m.tool_result(
+                        call,
+                        event.result,
+                        is_error=event.is_error,
+                        approval=turn.approvals.get(call.id),
+                    )
+                yield event
+        finally:
+            # Keep the stored history valid for providers: every call gets a result, in
+            # the order the model asked, even when cut short; a parked turn leaves its
+            # waiting calls pending, to be answered after the restart.
+            for call in calls:
+                result = results.get(call.id)
+                if result is None:
+                    result = self._unfinished(call, turn, gate)
+                if result is not None:
+                    turn.steps.append(result)
+
+    def _unfinished(self, call: ToolCallRequest, turn: Turn, gate: Gate) -> Message | None:
+        if turn.approvals.get(call.id) != Verdict.PENDING:
+            return m.tool_result(call, "The tool was stopped before it finished.", is_error=True)
+        if gate.parking:
+            return None
+        turn.approvals[call.id] = Verdict.CANCELLED
+        answer = Answer(call.id, Verdict.CANCELLED)
+        text = refusal(call.name, answer, gate.timeout_s)
+        return m.tool_result(call, text, is_error=True, approval=Verdict.CANCELLED)
+
+    async def _run_tools(
+        self,
+        calls: list[ToolCallRequest],
+        turn: Turn,
+        gate: Gate,
+        waits: dict[str, Pending],
+    ) -> AsyncIterator[Event]:
+        """Run calls concurrently; yield progress and results as they happen."""
+        updates: asyncio.Queue[Event] = asyncio.Queue()
+        tasks = [
+            asyncio.create_task(self._run_one(call, updates, turn, gate, waits.get(call.id)))
+            for call in calls
+        ]
         try:
             pending = len(calls)
             while pending:
@@ -143,10 +259,30 @@ class Agent:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _run_one(self, call: ToolCallRequest, updates: asyncio.Queue[Event]) -> None:
+    async def _run_one(
+        self,
+        call: ToolCallRequest,
+        updates: asyncio.Queue[Event],
+        turn: Turn,
+        gate: Gate,
+        waiting: Pending | None,
+    ) -> None:
         def report(message: str, progress: float | None) -> None:
             updates.put_nowait(ToolProgress(call.id, call.name, message, progress))
 
+        if waiting is not None:
+            # Nothing of the tool runs before a person says yes.
+            try:
+                answer = await gate.wait(waiting)
+            except Exception:
+                # The shared state failed to record the expiry: it expired all the same.
+                log.exception("approval of call %s could not be settled", call.id)
+                answer = Answer(call.id, Verdict.EXPIRED)
+            turn.approvals[call.id] = answer.verdict
+            if not answer.approved:
+                text = refusal(call.name, answer, gate.timeout_s)
+                updates.put_nowait(ToolResult(call.id, call.name, text, True))
+                return
         try:
             ctx = ToolContext[Any](report, self.tool_settings, self.deps)
             result, is_error = await self._call(call, ctx)

@@ -6,6 +6,7 @@
         for event in client.stream("What's the weather in Seoul?"):
             ...
         result = client.chat("hello")          # ChatResult: text, tool calls and results
+        client.approve(run_id, call_id)        # a tool call that waits for approval: yes
 
 A stream whose connection drops before its terminal event is resumed by itself:
 the client asks again with ``Last-Event-ID: <runId>:<seq>``, waits the server's
@@ -22,20 +23,25 @@ What it raises::
 
 An ``error`` event is an event like the others while streaming; only ``chat()``
 turns it into ``RunFailed``.
+
+The two clients are thin shells, as in httpx: what to send and what an answer means
+has no I/O and lives once (``_Turn`` for a stream, ``_Call`` for a JSON endpoint), so
+the blocking and asyncio code only sends, reads and sleeps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 import httpx
 
 from chatstream.events import (
+    ApprovalRequired,
     Done,
     Error,
     Event,
@@ -48,6 +54,8 @@ from chatstream.events import (
 )
 
 __all__ = [
+    "Approval",
+    "ApprovalRequired",
     "AsyncChatStream",
     "AsyncClient",
     "ChatResult",
@@ -68,6 +76,8 @@ MAX_RETRY_DELAY_S = 30.0
 STREAM_PATH = "/api/chat/stream"
 # A resume answered with one of these is tried again, like a dropped connection.
 RETRYABLE = frozenset({502, 503, 504})
+
+_T = TypeVar("_T")
 
 
 class ClientException(Exception):
@@ -112,6 +122,23 @@ class ChatResult:
     tool_results: tuple[ToolResult, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """What an answer to an approval did; ``continued_run_id`` when it continued a turn
+    parked by a server restart (stream that run from its start)."""
+
+    run_id: str
+    call_id: str
+    approved: bool
+    state: str
+    continued_run_id: str | None = None
+
+
+# Decides an ``approval_required`` for ``chat()``: True runs the tool; False, or
+# ``(False, reason)``, declines it.
+Approver = Callable[[ApprovalRequired], bool | tuple[bool, str]]
+
+
 class _Collector:
     """Folds a stream's events into a ChatResult, as ``POST /api/chat`` does (``Transcript``)."""
 
@@ -134,6 +161,10 @@ class _Collector:
             )
         return None
 
+    def unfinished(self) -> ConnectionFailed:
+        """The stream ended with no terminal event."""
+        return ConnectionFailed("the stream ended without a terminal event")
+
 
 def _split_id(event_id: str) -> tuple[str, int] | None:
     run_id, sep, seq = event_id.rpartition(":")
@@ -142,11 +173,15 @@ def _split_id(event_id: str) -> tuple[str, int] | None:
     return run_id, int(seq)
 
 
-class _Cursor:
-    """Where one stream stands: its run, the last event seen, the retry delay; I/O-free."""
+class _Turn:
+    """One streamed turn, with no I/O: the next request, what an answer means, where it stands.
 
-    def __init__(self, *, session_id: str | None, max_retries: int) -> None:
-        self.session_id = session_id
+    The blocking and asyncio streams are loops around it that only send, read and sleep.
+    """
+
+    def __init__(self, body: dict[str, Any], *, max_retries: int) -> None:
+        self.body = body
+        self.session_id: str | None = body.get("sessionId")
         self.run_id: str | None = None
         self.last_seq = 0
         self.retry_s = DEFAULT_RETRY_S
@@ -160,17 +195,47 @@ class _Cursor:
     def last_event_id(self) -> str | None:
         return f"{self.run_id}:{self.last_seq}" if self.run_id else None
 
-    def opened(self, response: httpx.Response) -> None:
-        """A 200 answer: learn the run and session, start a fresh decoder."""
+    def request(self, http: httpx.Client | httpx.AsyncClient) -> httpx.Request:
+        """The turn's POST, or once the server has named the run, a resume from the last event."""
+        if self.run_id is None:
+            return http.build_request("POST", STREAM_PATH, json=self.body)
+        headers = {"last-event-id": self.last_event_id or ""}
+        return http.build_request("GET", STREAM_PATH, headers=headers)
+
+    def unreachable(self, exc: httpx.TransportError, base_url: httpx.URL) -> Exception:
+        """No answer came: raise for the first request, else the cause to resume after."""
+        if self.run_id is None:
+            raise ConnectionFailed(f"cannot reach {base_url}: {exc}") from exc
+        return exc
+
+    def opened(self, response: httpx.Response) -> bool:
+        """True for a 200, whose body is the stream; False for a refusal (read it, then
+        ``refused``); a 204 raises, as the server has nothing more for this run."""
+        if response.status_code == 204:
+            raise ConnectionFailed(
+                f"run {self.run_id} can no longer be resumed (unknown or expired on the server)"
+            )
+        if response.status_code != 200:
+            return False
         self.run_id = response.headers.get("x-run-id", self.run_id)
         self.session_id = response.headers.get("x-session-id", self.session_id)
         self._decoder = FrameDecoder()
+        return True
 
-    def frames(self, chunk: bytes) -> list[Frame]:
-        """The frames completed by ``chunk``."""
-        return self._decoder.feed(chunk)
+    def refused(self, response: httpx.Response) -> Exception:
+        """Raise a refusal, unless it answered a resume and may pass (a gateway, or a server
+        restarting): then it is the cause to resume after."""
+        if self.run_id is None or response.status_code not in RETRYABLE:
+            raise _refusal(response)
+        return _refusal(response)
 
-    def accept(self, frame: Frame) -> Event | None:
+    def events(self, chunk: bytes) -> Iterator[Event]:
+        """The new events that ``chunk`` completes, each counted as seen when it is taken."""
+        for frame in self._decoder.feed(chunk):
+            if (event := self._accept(frame)) is not None:
+                yield event
+
+    def _accept(self, frame: Frame) -> Event | None:
         """The frame's event, or None for one already seen (a replay) or after the end."""
         if frame.retry is not None:
             self.retry_s = frame.retry / 1000
@@ -202,12 +267,6 @@ class _Cursor:
         self.resumes += 1
         return float(min(self.retry_s * 2.0 ** (self.failures - 1), MAX_RETRY_DELAY_S))
 
-    def gone(self) -> ConnectionFailed:
-        """A resume answered 204: the server has nothing more for this run."""
-        return ConnectionFailed(
-            f"run {self.run_id} can no longer be resumed (unknown or expired on the server)"
-        )
-
 
 def _turn_body(message: str, session_id: str | None, enable_tools: bool) -> dict[str, Any]:
     body: dict[str, Any] = {"message": message, "enableTools": enable_tools}
@@ -235,36 +294,88 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return headers
 
 
-def _json(response: httpx.Response) -> Any:
-    if response.is_error:
-        raise _refusal(response)
-    return response.json()
+@dataclass(frozen=True, slots=True)
+class _Call(Generic[_T]):
+    """One JSON endpoint, with no I/O: the request, and what its answer means."""
+
+    method: str
+    path: str
+    read: Callable[[Any], _T]
+    body: dict[str, Any] | None = None
+
+    def failed(self, exc: httpx.TransportError) -> ConnectionFailed:
+        return ConnectionFailed(f"{self.method} {self.path}: {exc}")
+
+    def answer(self, response: httpx.Response) -> _T:
+        if response.is_error:
+            raise _refusal(response)
+        return self.read(response.json())
+
+
+def _cancel(run_id: str) -> _Call[bool]:
+    return _Call(
+        "POST", f"/api/chat/runs/{run_id}/cancel", lambda body: bool(body.get("cancelled"))
+    )
+
+
+def _session(session_id: str) -> _Call[dict[str, Any]]:
+    return _Call("GET", f"/api/chat/sessions/{session_id}", lambda body: body)
+
+
+def _delete_session(session_id: str) -> _Call[None]:
+    return _Call("DELETE", f"/api/chat/sessions/{session_id}", lambda body: None)
+
+
+def _health() -> _Call[dict[str, Any]]:
+    return _Call("GET", "/api/health", lambda body: body)
+
+
+def _approve(run_id: str, call_id: str, approved: bool, reason: str | None) -> _Call[Approval]:
+    def read(body: Any) -> Approval:
+        return Approval(
+            body["runId"],
+            body["callId"],
+            body["approved"],
+            body["state"],
+            body.get("continuedRunId"),
+        )
+
+    answer: dict[str, Any] = {"approved": approved}
+    if reason is not None:
+        answer["reason"] = reason
+    return _Call("POST", f"/api/chat/runs/{run_id}/approvals/{call_id}", read, answer)
+
+
+def _decide(approver: Approver, request: ApprovalRequired) -> tuple[bool, str | None]:
+    decision = approver(request)
+    return decision if isinstance(decision, tuple) else (decision, None)
 
 
 class _Position:
     """What a stream knows of where it stands, shared by the blocking and asyncio streams."""
 
-    _cursor: _Cursor
+    def __init__(self, body: dict[str, Any], *, max_retries: int) -> None:
+        self._turn = _Turn(body, max_retries=max_retries)
 
     @property
     def run_id(self) -> str | None:
         """The run, once the server has answered."""
-        return self._cursor.run_id
+        return self._turn.run_id
 
     @property
     def session_id(self) -> str | None:
         """The session: the one asked for, or the one the server made."""
-        return self._cursor.session_id
+        return self._turn.session_id
 
     @property
     def last_event_id(self) -> str | None:
         """``<runId>:<seq>`` of the last event yielded: where a resume starts."""
-        return self._cursor.last_event_id
+        return self._turn.last_event_id
 
     @property
     def resumes(self) -> int:
         """How many times the stream reconnected after a drop."""
-        return self._cursor.resumes
+        return self._turn.resumes
 
 
 # -- blocking -------------------------------------------------------------------
@@ -278,9 +389,8 @@ class ChatStream(_Position):
     """
 
     def __init__(self, client: Client, body: dict[str, Any]) -> None:
-        self._client = client
-        self._body = body
-        self._cursor = _Cursor(session_id=body.get("sessionId"), max_retries=client.max_retries)
+        super().__init__(body, max_retries=client.max_retries)
+        self._http = client._http
         self._events = self._generate()
 
     def __iter__(self) -> Iterator[Event]:
@@ -302,42 +412,29 @@ class ChatStream(_Position):
         self.close()
 
     def _generate(self) -> Generator[Event, None, None]:
-        http, cursor = self._client._http, self._cursor
+        http, turn = self._http, self._turn
         while True:
             cause: Exception | None = None
-            if cursor.run_id is None:
-                request = http.build_request("POST", STREAM_PATH, json=self._body)
-            else:
-                headers = {"last-event-id": cursor.last_event_id or ""}
-                request = http.build_request("GET", STREAM_PATH, headers=headers)
+            request = turn.request(http)
             try:
                 response = http.send(request, stream=True)
             except httpx.TransportError as exc:
-                if cursor.run_id is None:
-                    raise ConnectionFailed(f"cannot reach {http.base_url}: {exc}") from exc
-                cause = exc
+                cause = turn.unreachable(exc, http.base_url)
             else:
                 try:
-                    if response.status_code == 204:
-                        raise cursor.gone()
-                    if response.status_code == 200:
-                        cursor.opened(response)
+                    if turn.opened(response):
                         for chunk in response.iter_bytes():
-                            for frame in cursor.frames(chunk):
-                                if (event := cursor.accept(frame)) is not None:
-                                    yield event
-                            if cursor.finished:
+                            yield from turn.events(chunk)
+                            if turn.finished:
                                 return
                     else:
                         response.read()
-                        if cursor.run_id is None or response.status_code not in RETRYABLE:
-                            raise _refusal(response)
-                        cause = _refusal(response)  # a gateway, or a server restarting
+                        cause = turn.refused(response)
                 except httpx.TransportError as exc:
                     cause = exc
                 finally:
                     response.close()
-            time.sleep(cursor.dropped(cause))
+            time.sleep(turn.dropped(cause))
 
 
 class Client:
@@ -364,40 +461,56 @@ class Client:
         return ChatStream(self, _turn_body(message, session_id, enable_tools))
 
     def chat(
-        self, message: str, *, session_id: str | None = None, enable_tools: bool = True
+        self,
+        message: str,
+        *,
+        session_id: str | None = None,
+        enable_tools: bool = True,
+        approver: Approver | None = None,
     ) -> ChatResult:
-        """Run a turn over the stream and return its outcome; raise ``RunFailed`` on error."""
+        """Run a turn over the stream and return its outcome; raise ``RunFailed`` on error.
+
+        A tool call that waits for approval is put to ``approver``; without one it waits
+        until another client answers it, or it expires.
+        """
         collector = _Collector()
         with self.stream(message, session_id=session_id, enable_tools=enable_tools) as events:
             for event in events:
-                result = collector.add(event, events.run_id)
-                if result is not None:
+                if isinstance(event, ApprovalRequired) and approver and events.run_id:
+                    approved, reason = _decide(approver, event)
+                    self.approve(events.run_id, event.id, approved=approved, reason=reason)
+                if (result := collector.add(event, events.run_id)) is not None:
                     return result
-        raise ConnectionFailed("the stream ended without a terminal event")
+        raise collector.unfinished()
 
     def cancel(self, run_id: str) -> bool:
         """Stop a run now; False when it had already finished."""
-        return bool(self._call("POST", f"/api/chat/runs/{run_id}/cancel").get("cancelled"))
+        return self._call(_cancel(run_id))
 
     def session(self, session_id: str) -> dict[str, Any]:
         """A session's messages, as ``GET /api/chat/sessions/{id}`` returns them."""
-        result: dict[str, Any] = self._call("GET", f"/api/chat/sessions/{session_id}")
-        return result
+        return self._call(_session(session_id))
 
     def delete_session(self, session_id: str) -> None:
         """Clear a session."""
-        self._call("DELETE", f"/api/chat/sessions/{session_id}")
+        self._call(_delete_session(session_id))
 
     def health(self) -> dict[str, Any]:
         """The server's status, version and model."""
-        result: dict[str, Any] = self._call("GET", "/api/health")
-        return result
+        return self._call(_health())
 
-    def _call(self, method: str, path: str) -> Any:
+    def approve(
+        self, run_id: str, call_id: str, *, approved: bool = True, reason: str | None = None
+    ) -> Approval:
+        """Answer a tool call that waits for approval (``approved=False`` declines it)."""
+        return self._call(_approve(run_id, call_id, approved, reason))
+
+    def _call(self, call: _Call[_T]) -> _T:
         try:
-            return _json(self._http.request(method, path))
+            response = self._http.request(call.method, call.path, json=call.body)
         except httpx.TransportError as exc:
-            raise ConnectionFailed(f"{method} {path}: {exc}") from exc
+            raise call.failed(exc) from exc
+        return call.answer(response)
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -423,9 +536,8 @@ class AsyncChatStream(_Position):
     """
 
     def __init__(self, client: AsyncClient, body: dict[str, Any]) -> None:
-        self._client = client
-        self._body = body
-        self._cursor = _Cursor(session_id=body.get("sessionId"), max_retries=client.max_retries)
+        super().__init__(body, max_retries=client.max_retries)
+        self._http = client._http
         self._events = self._generate()
 
     def __aiter__(self) -> AsyncIterator[Event]:
@@ -447,42 +559,30 @@ class AsyncChatStream(_Position):
         await self.aclose()
 
     async def _generate(self) -> AsyncGenerator[Event, None]:
-        http, cursor = self._client._http, self._cursor
+        http, turn = self._http, self._turn
         while True:
             cause: Exception | None = None
-            if cursor.run_id is None:
-                request = http.build_request("POST", STREAM_PATH, json=self._body)
-            else:
-                headers = {"last-event-id": cursor.last_event_id or ""}
-                request = http.build_request("GET", STREAM_PATH, headers=headers)
+            request = turn.request(http)
             try:
                 response = await http.send(request, stream=True)
             except httpx.TransportError as exc:
-                if cursor.run_id is None:
-                    raise ConnectionFailed(f"cannot reach {http.base_url}: {exc}") from exc
-                cause = exc
+                cause = turn.unreachable(exc, http.base_url)
             else:
                 try:
-                    if response.status_code == 204:
-                        raise cursor.gone()
-                    if response.status_code == 200:
-                        cursor.opened(response)
+                    if turn.opened(response):
                         async for chunk in response.aiter_bytes():
-                            for frame in cursor.frames(chunk):
-                                if (event := cursor.accept(frame)) is not None:
-                                    yield event
-                            if cursor.finished:
+                            for event in turn.events(chunk):
+                                yield event
+                            if turn.finished:
                                 return
                     else:
                         await response.aread()
-                        if cursor.run_id is None or response.status_code not in RETRYABLE:
-                            raise _refusal(response)
-                        cause = _refusal(response)  # a gateway, or a server restarting
+                        cause = turn.refused(response)
                 except httpx.TransportError as exc:
                     cause = exc
                 finally:
                     await response.aclose()
-            await asyncio.sleep(cursor.dropped(cause))
+            await asyncio.sleep(turn.dropped(cause))
 
 
 class AsyncClient:
@@ -509,41 +609,55 @@ class AsyncClient:
         return AsyncChatStream(self, _turn_body(message, session_id, enable_tools))
 
     async def chat(
-        self, message: str, *, session_id: str | None = None, enable_tools: bool = True
+        self,
+        message: str,
+        *,
+        session_id: str | None = None,
+        enable_tools: bool = True,
+        approver: Approver | None = None,
     ) -> ChatResult:
-        """Run a turn over the stream and return its outcome; raise ``RunFailed`` on error."""
+        """Run a turn over the stream and return its outcome; raise ``RunFailed`` on error.
+
+        A tool call that waits for approval is put to ``approver`` (see ``Client.chat``).
+        """
         collector = _Collector()
         async with self.stream(message, session_id=session_id, enable_tools=enable_tools) as events:
             async for event in events:
-                result = collector.add(event, events.run_id)
-                if result is not None:
+                if isinstance(event, ApprovalRequired) and approver and events.run_id:
+                    approved, reason = _decide(approver, event)
+                    await self.approve(events.run_id, event.id, approved=approved, reason=reason)
+                if (result := collector.add(event, events.run_id)) is not None:
                     return result
-        raise ConnectionFailed("the stream ended without a terminal event")
+        raise collector.unfinished()
 
     async def cancel(self, run_id: str) -> bool:
         """Stop a run now; False when it had already finished."""
-        result = await self._call("POST", f"/api/chat/runs/{run_id}/cancel")
-        return bool(result.get("cancelled"))
+        return await self._call(_cancel(run_id))
 
     async def session(self, session_id: str) -> dict[str, Any]:
         """A session's messages, as ``GET /api/chat/sessions/{id}`` returns them."""
-        result: dict[str, Any] = await self._call("GET", f"/api/chat/sessions/{session_id}")
-        return result
+        return await self._call(_session(session_id))
 
     async def delete_session(self, session_id: str) -> None:
         """Clear a session."""
-        await self._call("DELETE", f"/api/chat/sessions/{session_id}")
+        await self._call(_delete_session(session_id))
 
     async def health(self) -> dict[str, Any]:
         """The server's status, version and model."""
-        result: dict[str, Any] = await self._call("GET", "/api/health")
-        return result
+        return await self._call(_health())
 
-    async def _call(self, method: str, path: str) -> Any:
+    async def approve(
+        self, run_id: str, call_id: str, *, approved: bool = True, reason: str | None = None
+    ) -> Approval:
+        """Answer a tool call that waits for approval (``approved=False`` declines it)."""
+        return await self._call(_approve(run_id, call_id, approved, reason))
+
+    async def _call(self, call: _Call[_T]) -> _T:
         try:
-            return _json(await self._http.request(method, path))
+            response = await self._http.request(call.method, call.path, json=call.body)
         except httpx.TransportError as exc:
-            raise ConnectionFailed(f"{method} {path}: {exc}") from exc
+            raise call.failed(exc) from exc
+        return call.answer(response)
 
     async def aclose(self) -> None:
         """Close the connection pool."""

@@ -39,6 +39,8 @@ class TurnSettings:
     turn_timeout_s: float = 600.0
     max_message_chars: int = 32_000
     max_history_messages: int = 200
+    # How long a call that needs a person's yes waits for it before it is declined.
+    approval_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)

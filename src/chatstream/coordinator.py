@@ -4,7 +4,8 @@ A session takes one turn at a time: the run that starts a turn ``claim``s the se
 ``keep``s the claim while it runs and ``release``s it at the end, recording how the run
 ended. Any instance may ask who holds a session, what state a run is in, and ``send`` a
 message (a stop request, an approval's answer) to whichever instance runs it, which hears
-it through ``listen``.
+it through ``listen``. A run that waits for approvals ``ask``s them here, so that any
+instance can ``answer`` one exactly once (the first answer, or the clock's expiry, wins).
 
 ``MemoryCoordinator`` does this within one process; the Redis one (``chatstream.cluster``)
 across every instance that shares a Redis.
@@ -14,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from chatstream.approvals import Answer, Pending, Taken
 from chatstream.store.base import SessionRef
 
 
@@ -36,6 +38,8 @@ class RunStatus:
     session: SessionRef
     state: RunState
     last_seq: int = 0
+    # The calls waiting for a person's answer, while it runs.
+    pending: tuple[Pending, ...] = ()
 
 
 class Message(enum.StrEnum):
@@ -44,8 +48,8 @@ class Message(enum.StrEnum):
     CANCEL = "cancel"
 
 
-# A message's handler: the run it is for, and the message.
-Handler = Callable[[str, Message], None]
+# A message's handler: the run it is for, and the message (or an approval's answer).
+Handler = Callable[[str, Message | Answer], None]
 
 
 class Coordinator(Protocol):
@@ -71,12 +75,21 @@ class Coordinator(Protocol):
         """A run's state, until its record expires; None when no such run is known."""
         ...
 
-    async def send(self, run_id: str, message: Message) -> None:
+    async def send(self, run_id: str, message: Message | Answer) -> None:
         """Deliver ``message`` to the instance that runs ``run_id`` (nothing if none does)."""
         ...
 
     def listen(self, handler: Handler) -> None:
         """Hear the messages sent to runs of this instance."""
+        ...
+
+    async def ask(self, run_id: str, calls: Sequence[Pending]) -> None:
+        """Record calls of a running run as waiting for approval."""
+        ...
+
+    async def answer(self, run_id: str, answer: Answer) -> tuple[Taken, Answer | None]:
+        """Decide a waiting call, once: ``TAKEN`` (the run's owner hears ``answer``),
+        ``ANSWERED`` with the answer that decided it before, or ``UNKNOWN``."""
         ...
 
     async def ping(self) -> bool:
@@ -97,6 +110,8 @@ class MemoryCoordinator:
         self._runs: dict[str, RunStatus] = {}
         self._handler: Handler | None = None
         self._expiry: dict[str, asyncio.TimerHandle] = {}
+        # Per run: each asked call, and its answer once it has one.
+        self._approvals: dict[str, dict[str, tuple[Pending, Answer | None]]] = {}
 
     async def claim(self, run_id: str, session: SessionRef) -> str | None:
         holder = self._holders.setdefault(session.key, run_id)
@@ -121,19 +136,41 @@ class MemoryCoordinator:
     def _expire(self, run_id: str) -> None:
         self._expiry.pop(run_id, None)
         self._runs.pop(run_id, None)
+        self._approvals.pop(run_id, None)
 
     async def holder(self, session: SessionRef) -> str | None:
         return self._holders.get(session.key)
 
     async def status(self, run_id: str) -> RunStatus | None:
-        return self._runs.get(run_id)
+        status = self._runs.get(run_id)
+        if status is None or status.state is not RunState.RUNNING:
+            return status
+        waiting = self._approvals.get(run_id, {}).values()
+        pending = tuple(call for call, answer in waiting if answer is None)
+        return RunStatus(status.run_id, status.session, status.state, status.last_seq, pending)
 
-    async def send(self, run_id: str, message: Message) -> None:
+    async def send(self, run_id: str, message: Message | Answer) -> None:
         if self._handler is not None:
             self._handler(run_id, message)
 
     def listen(self, handler: Handler) -> None:
         self._handler = handler
+
+    async def ask(self, run_id: str, calls: Sequence[Pending]) -> None:
+        asked = self._approvals.setdefault(run_id, {})
+        for call in calls:
+            asked.setdefault(call.call_id, (call, None))
+
+    async def answer(self, run_id: str, answer: Answer) -> tuple[Taken, Answer | None]:
+        asked = self._approvals.get(run_id, {})
+        if answer.call_id not in asked:
+            return Taken.UNKNOWN, None
+        call, earlier = asked[answer.call_id]
+        if earlier is not None:
+            return Taken.ANSWERED, earlier
+        asked[answer.call_id] = (call, answer)
+        await self.send(run_id, answer)
+        return Taken.TAKEN, answer
 
     async def ping(self) -> bool:
         return True

@@ -17,9 +17,11 @@ one table. One root, a shallow tree::
         │                                                               MISSING_MESSAGE
         ├── MessageTooLong          the message is over its limit       MESSAGE_TOO_LONG
         ├── Unauthorized            a missing or wrong API key          UNAUTHORIZED
-        ├── NotFound                no such session or run (or not      SESSION_NOT_FOUND,
-        │                           the caller's)                       RUN_NOT_FOUND
+        ├── NotFound                no such session, run or approval    SESSION_NOT_FOUND,
+        │                           (or not the caller's)               RUN_NOT_FOUND,
+        │                                                               APPROVAL_NOT_FOUND
         ├── SessionBusy             a turn is already running there     SESSION_BUSY
+        ├── ApprovalAnswered        the call was answered, or expired   APPROVAL_ANSWERED
         ├── RateLimited             too many turns or open streams      RATE_LIMITED,
         │                                                               TOO_MANY_STREAMS
         ├── ServerBusy              the server's stream limit           SERVER_BUSY
@@ -51,6 +53,8 @@ class ErrorCode(enum.StrEnum):
     SESSION_NOT_FOUND = "SESSION_NOT_FOUND"
     RUN_NOT_FOUND = "RUN_NOT_FOUND"
     SESSION_BUSY = "SESSION_BUSY"
+    APPROVAL_NOT_FOUND = "APPROVAL_NOT_FOUND"
+    APPROVAL_ANSWERED = "APPROVAL_ANSWERED"
     RATE_LIMITED = "RATE_LIMITED"
     TOO_MANY_STREAMS = "TOO_MANY_STREAMS"
     SERVER_BUSY = "SERVER_BUSY"
@@ -153,6 +157,12 @@ class SessionBusy(Refused):
     """A turn is already running in the session."""
 
     code = ErrorCode.SESSION_BUSY
+
+
+class ApprovalAnswered(Refused):
+    """The call was already answered (or its approval expired): one answer decides it."""
+
+    code = ErrorCode.APPROVAL_ANSWERED
 
 
 class RateLimited(Refused):

@@ -1,4 +1,4 @@
-"""The six stream events, and their Server-Sent Events wire form.
+"""The stream events (the six of the seed, and ``approval_required``), and their SSE wire form.
 
 Events are small frozen values tagged by ``type``. ``encode`` turns one into an
 SSE frame; ``FrameDecoder`` and ``parse_event`` turn a byte stream back into
@@ -44,6 +44,20 @@ class ToolCall:
 
     def data(self) -> dict[str, Any]:
         return {"id": self.id, "tool": self.tool, "args": self.args}
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRequired:
+    """A tool call waits for a person's yes or no until ``expires_at`` (ISO 8601)."""
+
+    id: str
+    tool: str
+    args: dict[str, Any]
+    expires_at: str
+    type: Literal["approval_required"] = field(default="approval_required", init=False)
+
+    def data(self) -> dict[str, Any]:
+        return {"id": self.id, "tool": self.tool, "args": self.args, "expiresAt": self.expires_at}
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +124,7 @@ class Error:
         return {"code": self.code, "message": self.message}
 
 
-Event = Token | ToolCall | ToolProgress | ToolResult | Done | Error
+Event = Token | ToolCall | ApprovalRequired | ToolProgress | ToolResult | Done | Error
 
 
 class Transcript:
@@ -334,6 +348,10 @@ def parse_event(frame: Frame) -> Event:
             return Token(content=data["content"])
         case "tool_call":
             return ToolCall(id=data["id"], tool=data["tool"], args=data["args"])
+        case "approval_required":
+            return ApprovalRequired(
+                id=data["id"], tool=data["tool"], args=data["args"], expires_at=data["expiresAt"]
+            )
         case "tool_progress":
             return ToolProgress(
                 id=data["id"],

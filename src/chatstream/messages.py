@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -10,18 +11,31 @@ Role = Literal["system", "user", "assistant", "tool"]
 
 @dataclass(frozen=True, slots=True)
 class ToolCallRequest:
-    """One call the model asked for: an id, a tool name and parsed JSON arguments."""
+    """One call the model asked for: an id, a tool name and parsed JSON arguments.
+
+    ``approval`` is set on a stored call of a tool that needed a person's yes: how that
+    ended (``approvals.Verdict``), or ``"pending"`` while the turn waits for it.
+    """
 
     id: str
     name: str
     arguments: dict[str, Any]
+    approval: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "tool": self.name, "args": self.arguments}
+        data: dict[str, Any] = {"id": self.id, "tool": self.name, "args": self.arguments}
+        if self.approval is not None:
+            data["approval"] = self.approval
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ToolCallRequest:
-        return cls(id=data["id"], name=data["tool"], arguments=dict(data.get("args") or {}))
+        return cls(
+            id=data["id"],
+            name=data["tool"],
+            arguments=dict(data.get("args") or {}),
+            approval=data.get("approval"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +44,8 @@ class Message:
 
     ``tool_calls`` is set on an assistant message that asked for tools;
     ``tool_call_id``/``tool`` on the tool message that answers one of them;
-    ``interrupted`` on an answer cut short (cancel, lost connection, failure).
+    ``interrupted`` on an answer cut short (cancel, lost connection, failure);
+    ``approval`` on the result of a call that needed approval: how it was answered.
     """
 
     role: Role
@@ -40,6 +55,7 @@ class Message:
     tool: str | None = None
     is_error: bool = False
     interrupted: bool = False
+    approval: str | None = None
     created_at: float | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -55,6 +71,8 @@ class Message:
             data["isError"] = True
         if self.interrupted:
             data["interrupted"] = True
+        if self.approval is not None:
+            data["approval"] = self.approval
         if self.created_at is not None:
             data["createdAt"] = self.created_at
         return data
@@ -69,6 +87,7 @@ class Message:
             tool=data.get("tool"),
             is_error=bool(data.get("isError", False)),
             interrupted=bool(data.get("interrupted", False)),
+            approval=data.get("approval"),
             created_at=data.get("createdAt"),
         )
 
@@ -85,10 +104,59 @@ def assistant(
     )
 
 
-def tool_result(call: ToolCallRequest, content: str, *, is_error: bool = False) -> Message:
+def tool_result(
+    call: ToolCallRequest, content: str, *, is_error: bool = False, approval: str | None = None
+) -> Message:
     return Message(
-        role="tool", content=content, tool_call_id=call.id, tool=call.name, is_error=is_error
+        role="tool",
+        content=content,
+        tool_call_id=call.id,
+        tool=call.name,
+        is_error=is_error,
+        approval=approval,
     )
+
+
+PENDING = "pending"
+
+
+def settle_approvals(messages: Sequence[Message]) -> list[Message]:
+    """``messages`` with each call stored as pending showing how it was answered since.
+
+    A turn parked while it waited for approval is stored with its calls ``pending``; the
+    run that continues it appends their results, each saying how it was answered.
+    """
+    answered = {
+        msg.tool_call_id: msg.approval
+        for msg in messages
+        if msg.role == "tool" and msg.approval is not None and msg.approval != PENDING
+    }
+    if not answered:
+        return list(messages)
+    settled = []
+    for msg in messages:
+        if any(c.approval == PENDING and c.id in answered for c in msg.tool_calls):
+            calls = tuple(
+                replace(c, approval=answered[c.id])
+                if c.approval == PENDING and c.id in answered
+                else c
+                for c in msg.tool_calls
+            )
+            msg = replace(msg, tool_calls=calls)
+        settled.append(msg)
+    return settled
+
+
+def pending_calls(messages: Sequence[Message]) -> list[ToolCallRequest]:
+    """The calls of the last tool round still waiting for approval (no result yet)."""
+    for index in range(len(messages) - 1, -1, -1):
+        msg = messages[index]
+        if msg.role == "assistant" and msg.tool_calls:
+            results = {m.tool_call_id for m in messages[index + 1 :] if m.role == "tool"}
+            return [c for c in msg.tool_calls if c.approval == PENDING and c.id not in results]
+        if msg.role != "tool":
+            return []
+    return []
 
 
 def history_length(messages: list[Message] | tuple[Message, ...]) -> int:

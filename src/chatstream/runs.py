@@ -20,13 +20,14 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TypeVar
 
 from chatstream import messages as m
 from chatstream.agent import Agent, Turn
+from chatstream.approvals import Answer, Gate, Pending, Taken, Verdict
 from chatstream.config import Settings
 from chatstream.coordinator import (
     Coordinator,
@@ -36,9 +37,11 @@ from chatstream.coordinator import (
     RunStatus,
 )
 from chatstream.errors import (
+    ApprovalAnswered,
     ChatstreamError,
     ErrorCode,
     ModelError,
+    NotFound,
     Refused,
     SessionBusy,
     ShuttingDown,
@@ -47,12 +50,12 @@ from chatstream.errors import (
 from chatstream.events import Done, Error, Token, ToolResult
 from chatstream.metrics import Metrics
 from chatstream.runlog import Entry, Log, MemoryRunLog, Reader, RunLog
-from chatstream.store.base import SessionRef, SessionStore
+from chatstream.store.base import Session, SessionRef, SessionStore
 
 log = logging.getLogger("chatstream.runs")
 T = TypeVar("T")
 
-__all__ = ["Run", "RunManager", "RunState", "RunStatus", "StopReason"]
+__all__ = ["AnswerOutcome", "Run", "RunManager", "RunState", "RunStatus", "StopReason"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,11 @@ ABANDONED = StopReason(ErrorCode.CANCELLED, "Nobody was listening, so the run wa
 SHUTTING_DOWN = StopReason(
     ErrorCode.SHUTTING_DOWN, "The server is restarting; the partial answer was saved. Try again."
 )
+PARKED = StopReason(
+    ErrorCode.SHUTTING_DOWN,
+    "The server is restarting. The tool call waiting for approval is kept: answer it after "
+    "the restart and the turn goes on.",
+)
 LOCK_LOST = StopReason(
     ErrorCode.RUN_LOST,
     "This server could not reach the session store for longer than a turn holds its session, "
@@ -79,11 +87,22 @@ class Run:
     """One turn running in this process: its task, its log, and how it ends."""
 
     def __init__(
-        self, run_id: str, session: SessionRef, log: Log, *, max_events: int, resume_grace_s: float
+        self,
+        run_id: str,
+        session: SessionRef,
+        log: Log,
+        gate: Gate,
+        *,
+        max_events: int,
+        resume_grace_s: float,
     ) -> None:
         self.id = run_id
         self.session = session
         self.log = log
+        self.gate = gate
+        self.turn: Turn | None = None
+        # The parked runs this one continues: their ids still name it.
+        self.continues: tuple[str, ...] = ()
         self.state = RunState.RUNNING
         self.created_at = time.time()
         self.task: asyncio.Task[None] | None = None
@@ -117,7 +136,8 @@ class Run:
 
     @property
     def status(self) -> RunStatus:
-        return RunStatus(self.id, self.session, self.state, self.log.last_seq)
+        pending = self.gate.pending if self.state is RunState.RUNNING else ()
+        return RunStatus(self.id, self.session, self.state, self.log.last_seq, pending)
 
     def mark_finished(self, state: RunState) -> None:
         self.state = state
@@ -136,9 +156,19 @@ class Run:
         self.task.cancel()
         return True
 
+    def park(self) -> bool:
+        """Stop a run that waits for approval so that it can go on after a restart."""
+        if not self.gate.pending or self.turn is None or not self.stoppable:
+            return False
+        self.gate.parking = True
+        self.turn.parked = True
+        return self.cancel(PARKED)
+
     def _idle(self) -> None:
-        # The last reader left: the run goes on for the grace period, then stops.
-        if self.finished:
+        # The last reader left: the run goes on for the grace period, then stops; but one
+        # that asked a person for approval waits for them (they may close the tab and come
+        # back), and once answered it finishes what they approved.
+        if self.finished or self.gate.asked:
             return
         self._cancel_grace_timer()
         loop = asyncio.get_running_loop()
@@ -146,7 +176,7 @@ class Run:
 
     def _abandon(self) -> None:
         self._grace_timer = None
-        if not self.log.readers:
+        if not self.log.readers and not self.gate.asked:
             log.info("run %s abandoned after %.0f s without readers", self.id, self._resume_grace_s)
             self.cancel(ABANDONED)
 
@@ -156,12 +186,71 @@ class Run:
             self._grace_timer = None
 
 
+@dataclass(frozen=True, slots=True)
+class AnswerOutcome:
+    """What an approval's answer did: the run it went to, and its state after."""
+
+    run_id: str
+    call_id: str
+    approved: bool
+    state: str
+    # Set when the answer continued a parked turn in a new run.
+    continued_run_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Continuation:
+    """A parked turn to go on with: its calls still waiting, and the answer that woke it."""
+
+    run_ids: tuple[str, ...]
+    waiting: tuple[Pending, ...]
+    answer: Answer
+
+
+def wire_state(status: RunStatus) -> str:
+    """A run's state as clients see it: ``waiting`` while it waits for a person."""
+    if status.state is RunState.RUNNING and status.pending:
+        return "waiting"
+    return status.state.value
+
+
 def new_run_id() -> str:
     return "run_" + secrets.token_hex(8)
 
 
 def new_session_id() -> str:
     return "s_" + secrets.token_hex(8)
+
+
+def _ended_as(ending: Entry) -> RunState:
+    """The state a run's log's last entry says it ended in."""
+    if isinstance(ending.event, Done):
+        return RunState.DONE
+    if isinstance(ending.event, Error) and ending.event.code == ErrorCode.CANCELLED:
+        return RunState.CANCELLED
+    return RunState.FAILED if isinstance(ending.event, Error) else RunState.RUNNING
+
+
+def _no_approval(run_id: str, call_id: str) -> NotFound:
+    return NotFound(
+        f"No call {call_id!r} of run {run_id!r} waits for approval.",
+        code=ErrorCode.APPROVAL_NOT_FOUND,
+    )
+
+
+def _close_parked(messages: Sequence[m.Message]) -> list[m.Message]:
+    """The end of a parked turn that a new message leaves: its waiting calls declined,
+    and an interrupted answer, so the history stays whole for providers."""
+    closing = [
+        m.tool_result(
+            call,
+            f"The user sent a new message instead of answering, so {call.name} did not run.",
+            is_error=True,
+            approval=Verdict.DECLINED,
+        )
+        for call in m.pending_calls(messages)
+    ]
+    return [*closing, m.assistant("", interrupted=True)]
 
 
 def _store_unavailable(exc: ChatstreamError) -> StoreError:
@@ -198,6 +287,8 @@ class RunManager:
         self._runs: dict[str, Run] = {}
         self._active: dict[str, Run] = {}
         self._expiry: dict[str, asyncio.TimerHandle] = {}
+        # Parked runs continued in this process, and the runs continuing them.
+        self._continued: dict[str, str] = {}
 
     @property
     def active_count(self) -> int:
@@ -247,6 +338,16 @@ class RunManager:
 
     async def start(self, session: SessionRef, message: str, *, enable_tools: bool = True) -> Run:
         """Start a turn in a session; refuse when that session already has one running."""
+        return await self._start(session, message, enable_tools=enable_tools)
+
+    async def _start(
+        self,
+        session: SessionRef,
+        message: str | None,
+        *,
+        enable_tools: bool = True,
+        continuation: _Continuation | None = None,
+    ) -> Run:
         if not self.accepting:
             raise ShuttingDown("The server is shutting down and takes no new turns.")
         busy = self._active.get(session.key)
@@ -260,6 +361,7 @@ class RunManager:
             run_id,
             session,
             self.log.create(run_id, session),
+            self._gate(run_id),
             max_events=self.settings.streams.run_log_max_events,
             resume_grace_s=self.settings.streams.resume_grace_s,
         )
@@ -276,6 +378,16 @@ class RunManager:
                 )
             claimed = True
             stored = await self.store.load(session)
+            if continuation is not None:
+                turn, waiting = self._continue(run, stored, continuation)
+                # Recorded as answered, so that a second answer is told so.
+                answered = [
+                    p for p in continuation.waiting if p.call_id == continuation.answer.call_id
+                ]
+                await self.coordinator.ask(run.id, answered)
+                await self.coordinator.answer(run.id, continuation.answer)
+            else:
+                turn, waiting = Turn(m.user(message or "")), ()
         except BaseException as exc:
             self._release(run)
             self._runs.pop(run.id, None)
@@ -286,23 +398,56 @@ class RunManager:
             if isinstance(exc, ChatstreamError) and not isinstance(exc, Refused):
                 raise _store_unavailable(exc) from exc
             raise
-        history = stored.messages[-self.settings.turns.max_history_messages :] if stored else ()
+        messages = stored.messages if stored else ()
+        if continuation is None and m.pending_calls(messages):
+            # A new message in a session whose turn waits for approval: those calls are
+            # declined, and that turn ends here, so the history stays whole for providers.
+            turn.prelude = _close_parked(messages)
+        history = (*messages, *turn.prelude)[-self.settings.turns.max_history_messages :]
         # A trimmed history must not start inside a tool round: begin at a user message.
         while history and history[0].role != "user":
             history = history[1:]
-        turn = Turn(m.user(message))
+        run.turn = turn
         run.task = asyncio.create_task(
-            self._drive(run, history, turn, enable_tools), name=f"chatstream-{run.id}"
+            self._drive(run, history, turn, enable_tools, waiting), name=f"chatstream-{run.id}"
         )
         self.coordinator.keep(run.id, session, on_lost=lambda: self._lost(run))
         return run
+
+    def _gate(self, run_id: str) -> Gate:
+        async def ask(calls: Sequence[Pending]) -> None:
+            await self.coordinator.ask(run_id, calls)
+
+        async def expire(call_id: str) -> Answer:
+            expired = Answer(call_id, Verdict.EXPIRED)
+            _, decided = await self.coordinator.answer(run_id, expired)
+            return decided or expired
+
+        return Gate(timeout_s=self.settings.turns.approval_timeout_s, ask=ask, expire=expire)
+
+    def _continue(
+        self, run: Run, stored: Session | None, continuation: _Continuation
+    ) -> tuple[Turn, tuple[Pending, ...]]:
+        """The turn that goes on with a parked one, and its calls still waiting."""
+        still = {c.id for c in m.pending_calls(stored.messages if stored else ())}
+        waiting = tuple(p for p in continuation.waiting if p.call_id in still)
+        if continuation.answer.call_id not in still:
+            raise ApprovalAnswered("That tool call was already answered.")
+        run.continues = continuation.run_ids
+        run.gate.preset(continuation.answer)
+        return Turn(None), waiting
 
     def _lost(self, run: Run) -> None:
         if run.cancel(LOCK_LOST):
             log.warning("run %s: stopped, another run holds its session", run.id)
 
     async def _drive(
-        self, run: Run, history: tuple[m.Message, ...], turn: Turn, enable_tools: bool
+        self,
+        run: Run,
+        history: tuple[m.Message, ...],
+        turn: Turn,
+        enable_tools: bool,
+        waiting: tuple[Pending, ...],
     ) -> None:
         outcome: Error | None = None
         state = RunState.FAILED
@@ -310,28 +455,31 @@ class RunManager:
         started = time.perf_counter()
         tokens = 0
         try:
-            async with (
-                asyncio.timeout(self.settings.turns.turn_timeout_s),
+            async with asyncio.timeout(self.settings.turns.turn_timeout_s) as deadline:
+                # Paused while a call waits for a person.
+                run.gate.deadline = deadline
+                agent_run = self.agent.run(
+                    history, turn, enable_tools=enable_tools, gate=run.gate, waiting=waiting
+                )
                 # Closed on every exit (OUTPUT_LIMIT's break too), so running tools stop and
                 # their results are in ``turn`` before it is stored.
-                aclosing(self.agent.run(history, turn, enable_tools=enable_tools)) as events,
-            ):
-                async for event in events:
-                    run.log.append(event)
-                    if type(event) is Token:
-                        tokens += 1
-                        if tokens == 1:
-                            metrics.time_to_first_token.observe(time.perf_counter() - started)
-                    elif isinstance(event, ToolResult):
-                        outcome_label = "error" if event.is_error else "ok"
-                        metrics.tool_calls.labels(event.tool, outcome_label).inc()
-                    if run.full:
-                        outcome = Error(
-                            ErrorCode.OUTPUT_LIMIT,
-                            "The answer reached the limit of "
-                            f"{self.settings.streams.run_log_max_events} events and was cut.",
-                        )
-                        break
+                async with aclosing(agent_run) as events:
+                    async for event in events:
+                        run.log.append(event)
+                        if type(event) is Token:
+                            tokens += 1
+                            if tokens == 1:
+                                metrics.time_to_first_token.observe(time.perf_counter() - started)
+                        elif isinstance(event, ToolResult):
+                            outcome_label = "error" if event.is_error else "ok"
+                            metrics.tool_calls.labels(event.tool, outcome_label).inc()
+                        if run.full:
+                            outcome = Error(
+                                ErrorCode.OUTPUT_LIMIT,
+                                "The answer reached the limit of "
+                                f"{self.settings.streams.run_log_max_events} events and was cut.",
+                            )
+                            break
         except TimeoutError:
             outcome = Error(
                 ErrorCode.TIMEOUT,
@@ -370,6 +518,7 @@ class RunManager:
         else:
             try:
                 session = await self.store.append(run.session, turn.to_store())
+                await self._settle_parking(run, turn)
                 run.stored = True
             except Exception:
                 log.exception("run %s: storing the turn failed", run.id)
@@ -400,17 +549,96 @@ class RunManager:
                 self.settings.streams.run_ttl_s, self._expire, run.id
             )
 
+    async def _settle_parking(self, run: Run, turn: Turn) -> None:
+        """After a turn is stored: keep a parked run's waiting calls for after the restart,
+        and forget the parked runs it continued (their ids then lead here no more)."""
+        ids = (run.id, *run.continues)
+        if turn.parked:
+            record = {
+                "session": run.session.key,
+                "pending": [p.to_dict() for p in run.gate.pending],
+                "runIds": list(ids),
+            }
+            for run_id in ids:
+                await self.store.park(run_id, record)
+            return
+        for run_id in run.continues:
+            await self.store.park(run_id, None)
+        # Calls left waiting (the run was stopped) cannot be answered any more.
+        for call in run.gate.pending:
+            with contextlib.suppress(ChatstreamError):
+                await self.coordinator.answer(run.id, Answer(call.call_id, Verdict.CANCELLED))
+
     def _release(self, run: Run) -> None:
         if self._active.get(run.session.key) is run:
             del self._active[run.session.key]
 
     def _expire(self, run_id: str) -> None:
         self._expiry.pop(run_id, None)
-        self._runs.pop(run_id, None)
+        run = self._runs.pop(run_id, None)
+        for parked_id in run.continues if run is not None else ():
+            self._continued.pop(parked_id, None)
 
-    def _on_message(self, run_id: str, message: Message) -> None:
-        if message is Message.CANCEL:
+    def _on_message(self, run_id: str, message: Message | Answer) -> None:
+        if isinstance(message, Answer):
+            run = self._runs.get(run_id)
+            if run is not None:
+                run.gate.resolve(message)
+        elif message is Message.CANCEL:
             self.cancel_local(run_id, STOPPED)
+
+    async def answer(
+        self, run_id: str, call_id: str, *, approved: bool, reason: str | None, caller: str
+    ) -> AnswerOutcome:
+        """Answer a call waiting for approval, wherever its run runs; after a restart, the
+        answer continues the parked turn in a new run. ``NotFound`` for an unknown call
+        (or another caller's), ``ApprovalAnswered`` for one answered or expired."""
+        verdict = Verdict.APPROVED if approved else Verdict.DECLINED
+        answer = Answer(call_id, verdict, reason)
+        # An answer to a parked run that was continued goes to the run continuing it.
+        run_id = self._continued.get(run_id, run_id)
+        status = await self._live_status(run_id, caller=caller)
+        if status is None or status.state is not RunState.RUNNING:
+            return await self._answer_parked(run_id, answer, caller=caller, ended=status)
+        taken, _ = await self._shared(self.coordinator.answer(run_id, answer))
+        if taken is Taken.UNKNOWN:
+            raise _no_approval(run_id, call_id)
+        if taken is Taken.ANSWERED:
+            raise ApprovalAnswered(f"Call {call_id!r} was already answered, or it expired.")
+        local = self._runs.get(run_id)
+        if local is not None:
+            # Here at once; the coordinator's message, if it sends one, then finds it done.
+            local.gate.resolve(answer)
+        after = await self._live_status(run_id, caller=caller) or status
+        return AnswerOutcome(run_id, call_id, approved, wire_state(after))
+
+    async def _answer_parked(
+        self, run_id: str, answer: Answer, *, caller: str, ended: RunStatus | None
+    ) -> AnswerOutcome:
+        record = await self._shared(self.store.parked(run_id))
+        if record is None:
+            if ended is not None:
+                # The run is over: its call was answered, expired or stopped, if it had it.
+                taken, _ = await self._shared(self.coordinator.answer(run_id, answer))
+                if taken is not Taken.UNKNOWN:
+                    raise ApprovalAnswered(
+                        f"Call {answer.call_id!r} was already answered, expired, or its run "
+                        "was stopped."
+                    )
+            raise _no_approval(run_id, answer.call_id)
+        session = SessionRef.from_key(str(record["session"]))
+        waiting = tuple(Pending.from_dict(p) for p in record.get("pending", ()))
+        call = next((p for p in waiting if p.call_id == answer.call_id), None)
+        if not session.owned_by(caller) or call is None:
+            raise _no_approval(run_id, answer.call_id)
+        if call.expires_at <= time.time():
+            raise ApprovalAnswered(f"The approval of call {answer.call_id!r} expired.")
+        run_ids = tuple(str(i) for i in record.get("runIds", (run_id,)))
+        run = await self._start(session, None, continuation=_Continuation(run_ids, waiting, answer))
+        for parked_id in run_ids:
+            self._continued[parked_id] = run.id
+        log.info("run %s continues parked run %s", run.id, run_id)
+        return AnswerOutcome(run_id, answer.call_id, answer.approved, "running", run.id)
 
     def cancel_local(self, run_id: str, reason: StopReason = STOPPED) -> Run | None:
         """Stop a run this process executes; None when it executes no such run."""
@@ -439,20 +667,33 @@ class RunManager:
         # Its owner ends it, or, if the owner is gone, a reader declares it lost within
         # about two lock TTLs: either way its log gets an ending.
         reader = await self.open(run_id, status.last_seq, caller=caller)
+        ending: Entry | None = None
         if reader is not None:
             try:
                 async with asyncio.timeout(2 * self.settings.streams.lock_ttl_s + 2):
                     while not reader.delivered:
-                        reader.read()
+                        ending = next(reversed(reader.read()), ending)
                         await reader.wait()
+                    ending = next(reversed(reader.read()), ending)
             except TimeoutError:
                 log.warning("run %s did not end within the cancel's wait", run_id)
             finally:
                 reader.close()
-        return (await self._shared(self.coordinator.status(run_id))) or status, True
+        after = (await self._shared(self.coordinator.status(run_id))) or status
+        if after.state is RunState.RUNNING and ending is not None:
+            # The owner writes its log's ending before it records the state: the ending
+            # already says how the run ended.
+            after = RunStatus(run_id, after.session, _ended_as(ending), ending.seq)
+        return after, True
 
     async def status(self, run_id: str, *, caller: str) -> RunStatus | None:
-        """A run's state, wherever it runs."""
+        """A run's state, wherever it runs; a parked one waits, as the store says."""
+        status = await self._live_status(run_id, caller=caller)
+        if status is None:
+            return await self._parked_status(run_id, caller=caller)
+        return status
+
+    async def _live_status(self, run_id: str, *, caller: str) -> RunStatus | None:
         run = self._runs.get(run_id)
         if run is not None:
             return run.status if run.session.owned_by(caller) else None
@@ -461,6 +702,16 @@ class RunManager:
             return None
         return status
 
+    async def _parked_status(self, run_id: str, *, caller: str) -> RunStatus | None:
+        record = await self._shared(self.store.parked(run_id))
+        if record is None:
+            return None
+        session = SessionRef.from_key(str(record["session"]))
+        if not session.owned_by(caller):
+            return None
+        pending = tuple(Pending.from_dict(p) for p in record.get("pending", ()))
+        return RunStatus(run_id, session, RunState.RUNNING, 0, pending)
+
     async def drain(self, deadline_s: float) -> None:
         """Take no new turns; let running ones finish up to the deadline; cancel the rest."""
         self.accepting = False
@@ -468,12 +719,16 @@ class RunManager:
         if not running:
             return
         log.info("draining %d running turn(s), up to %.0f s", len(running), deadline_s)
+        # A run waiting for a person would hold the drain to its end: park it at once.
+        for run in running:
+            run.park()
         waiters = [asyncio.create_task(r.wait_finished()) for r in running]
         _, pending = await asyncio.wait(waiters, timeout=deadline_s)
         for task in pending:
             task.cancel()
         for run in running:
-            run.cancel(SHUTTING_DOWN)
+            if not run.park():
+                run.cancel(SHUTTING_DOWN)
         for run in running:
             if run.task is not None:
                 with contextlib.suppress(asyncio.CancelledError):

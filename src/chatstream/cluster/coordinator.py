@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from chatstream.cluster.scripts import RELEASE, RENEW, Keys, read_run
+from chatstream.approvals import Answer, Pending, Taken
+from chatstream.cluster.scripts import ANSWER, RELEASE, RENEW, Keys, read_run
 from chatstream.config import Settings
-from chatstream.coordinator import Handler, Message, RunStatus
+from chatstream.coordinator import Handler, Message, RunState, RunStatus
 from chatstream.store.base import SessionRef
 from chatstream.store.redis import outlast, unavailable
 
@@ -56,6 +58,7 @@ class RedisCoordinator:
         self.on_reclaimed = on_reclaimed
         self._renew = redis.register_script(RENEW)
         self._release = redis.register_script(RELEASE)
+        self._answer = redis.register_script(ANSWER)
         self._kept: dict[str, asyncio.Task[None]] = {}
         self._listener: asyncio.Task[None] | None = None
 
@@ -97,7 +100,12 @@ class RedisCoordinator:
     async def _keep_alive(
         self, run_id: str, session: SessionRef, on_lost: Callable[[], None]
     ) -> None:
-        keys = [self.keys.lock(session.key), self.keys.record(run_id), self.keys.log(run_id)]
+        keys = [
+            self.keys.lock(session.key),
+            self.keys.record(run_id),
+            self.keys.log(run_id),
+            self.keys.approvals(run_id),
+        ]
         record = self._record(run_id, session)
         args: list[Any] = [run_id, self.lock_ttl_ms, self._run_ttl_ms, *record.values()]
         interval = self.lock_ttl_ms / 3000
@@ -137,6 +145,7 @@ class RedisCoordinator:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(record, mapping={"state": status.state, "last_seq": status.last_seq})
                 pipe.pexpire(self.keys.log(status.run_id), self._ended_ttl_ms)
+                pipe.pexpire(self.keys.approvals(status.run_id), self._ended_ttl_ms)
                 pipe.pexpire(record, self._ended_ttl_ms)
                 await pipe.execute()
             await self._release(keys=[self.keys.lock(status.session.key)], args=[status.run_id])
@@ -160,13 +169,56 @@ class RedisCoordinator:
         record = await read_run(self.redis, self.keys, run_id)
         if record is None:
             return None
-        return RunStatus(run_id, record.session, record.state, record.last_seq)
+        pending: tuple[Pending, ...] = ()
+        if record.state is RunState.RUNNING:
+            pending = await self._pending(run_id)
+        return RunStatus(run_id, record.session, record.state, record.last_seq, pending)
 
-    async def send(self, run_id: str, message: Message) -> None:
+    async def _pending(self, run_id: str) -> tuple[Pending, ...]:
         try:
-            await self.redis.publish(self.keys.messages, f"{message}:{run_id}")
+            fields = cast(
+                "dict[bytes, bytes]", await self.redis.hgetall(self.keys.approvals(run_id))
+            )
+        except (RedisError, OSError) as exc:
+            raise unavailable(f"reading the approvals of run {run_id}", exc) from exc
+        answered = {k.removesuffix(b":answer") for k in fields if k.endswith(b":answer")}
+        calls = [
+            Pending.from_dict(json.loads(value))
+            for key, value in fields.items()
+            if not key.endswith(b":answer") and key not in answered
+        ]
+        return tuple(sorted(calls, key=lambda call: call.expires_at))
+
+    async def send(self, run_id: str, message: Message | Answer) -> None:
+        try:
+            await self.redis.publish(self.keys.messages, _payload(run_id, message))
         except (RedisError, OSError) as exc:
             raise unavailable(f"sending {message} to run {run_id}", exc) from exc
+
+    async def ask(self, run_id: str, calls: Sequence[Pending]) -> None:
+        key = self.keys.approvals(run_id)
+        mapping = {call.call_id: json.dumps(call.to_dict()) for call in calls}
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(key, mapping=cast("dict[Any, Any]", mapping))
+                pipe.pexpire(key, self._run_ttl_ms)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise unavailable(f"run {run_id}: asking for approval", exc) from exc
+
+    async def answer(self, run_id: str, answer: Answer) -> tuple[Taken, Answer | None]:
+        keys = [self.keys.approvals(run_id)]
+        body = json.dumps(answer.to_dict())
+        args = [answer.call_id, body, self.keys.messages, _payload(run_id, answer)]
+        try:
+            outcome = cast("list[Any]", await self._answer(keys=keys, args=args))
+        except (RedisError, OSError) as exc:
+            raise unavailable(f"run {run_id}: answering call {answer.call_id}", exc) from exc
+        if int(outcome[0]) == 0:
+            return Taken.UNKNOWN, None
+        if int(outcome[0]) == 1:
+            return Taken.ANSWERED, Answer.from_dict(json.loads(outcome[1]))
+        return Taken.TAKEN, answer
 
     def listen(self, handler: Handler) -> None:
         self._listener = asyncio.create_task(self._listen(handler), name="chatstream-messages")
@@ -180,9 +232,8 @@ class RedisCoordinator:
                     received = await pubsub.get_message(timeout=1.0)
                     if received is None or received["type"] != "message":
                         continue
-                    kind, _, run_id = bytes(received["data"]).decode().partition(":")
-                    with contextlib.suppress(ValueError):
-                        handler(run_id, Message(kind))
+                    with contextlib.suppress(ValueError, KeyError):
+                        handler(*_parse_payload(bytes(received["data"]).decode()))
             except (RedisError, OSError) as exc:
                 log.warning("message listener lost Redis (%s); retrying", exc)
                 await asyncio.sleep(1.0)
@@ -204,3 +255,18 @@ class RedisCoordinator:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._kept.clear()
+
+
+def _payload(run_id: str, message: Message | Answer) -> str:
+    if isinstance(message, Answer):
+        return f"answer:{run_id}:{json.dumps(message.to_dict())}"
+    return f"{message}:{run_id}"
+
+
+def _parse_payload(payload: str) -> tuple[str, Message | Answer]:
+    """The run and message of a payload; ``ValueError``/``KeyError`` for a foreign one."""
+    kind, _, rest = payload.partition(":")
+    if kind == "answer":
+        run_id, _, body = rest.partition(":")
+        return run_id, Answer.from_dict(json.loads(body))
+    return rest, Message(kind)

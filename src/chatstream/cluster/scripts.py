@@ -8,7 +8,10 @@ Keys (``<p>`` is the prefix, ``chatstream``):
   it ended (while it runs, its log's last entry says where it is).
 * ``<p>:run:<runId>:log``     a Redis Stream of the run's encoded frames (field ``f``) and
   event types (``t``), entry id ``<seq>-0``, capped with MAXLEN, expiring with the run.
-* ``<p>:messages``            pub/sub channel: ``<message>:<runId>``, heard by every instance.
+* ``<p>:run:<runId>:approvals`` hash: each call waiting for approval (field ``<callId>``, the
+  ``Pending`` as JSON) and its answer once it has one (``<callId>:answer``); lives with the run.
+* ``<p>:messages``            pub/sub channel: ``<message>:<runId>``, or
+  ``answer:<runId>:<answer JSON>`` for an approval's answer, heard by every instance.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ class Keys:
 
     def log(self, run_id: str) -> str:
         return f"{self.prefix}:run:{run_id}:log"
+
+    def approvals(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{run_id}:approvals"
 
     @property
     def messages(self) -> str:
@@ -122,8 +128,9 @@ return 0
 # Extend the lock, and the run's record and log with it (a run may outlive the TTL they were
 # given at its start). A lock that is gone (expired in a stall, or lost in a restart) is taken
 # back with the run's record, unless the log has ended: a follower declared the run lost.
-# KEYS[1] the lock, KEYS[2] the record, KEYS[3] the log; ARGV[1] run id, ARGV[2] lock TTL,
-# ARGV[3] run TTL (ms), ARGV[4..7] the record's session, key, owner_key and instance.
+# KEYS[1] the lock, KEYS[2] the record, KEYS[3] the log, KEYS[4] its approvals; ARGV[1] run
+# id, ARGV[2] lock TTL, ARGV[3] run TTL (ms), ARGV[4..7] the record's session, key,
+# owner_key and instance.
 # Returns 1 when the lock was held, 2 when it was taken back, 0 when the run is lost.
 RENEW = (
     _LOG_END
@@ -144,6 +151,7 @@ else
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
 return held
 """
 )
@@ -170,3 +178,16 @@ end
 return have
 """
 )
+
+# Decide a waiting call once, and tell the run's owner. KEYS[1] the run's approvals; ARGV[1]
+# the call id, ARGV[2] the answer as JSON, ARGV[3] the messages channel, ARGV[4] the message.
+# Returns {2} when this answer decided it, {1, earlier answer} when one already had, {0}
+# when no such call waits in that run.
+ANSWER = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return {0} end
+local earlier = redis.call('HGET', KEYS[1], ARGV[1] .. ':answer')
+if earlier then return {1, earlier} end
+redis.call('HSET', KEYS[1], ARGV[1] .. ':answer', ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return {2}
+"""

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from chatstream.errors import (
+    ApprovalAnswered,
     ChatstreamError,
     ClientGone,
     ErrorCode,
@@ -42,6 +43,7 @@ STATUS: dict[type[ChatstreamError], int] = {
     Unauthorized: 401,
     NotFound: 404,
     SessionBusy: 409,
+    ApprovalAnswered: 409,
     RateLimited: 429,
     ClientGone: 499,
     ServerBusy: 503,

@@ -1,4 +1,4 @@
-"""HTTP endpoints: stream a turn, resume or cancel a run, sessions, tools, health, the page."""
+"""HTTP endpoints: stream, resume, cancel or answer a turn; sessions, tools, health, the page."""
 
 from __future__ import annotations
 
@@ -25,20 +25,23 @@ from chatstream.errors import (
     SessionBusy,
 )
 from chatstream.events import Done, Error, Transcript
-from chatstream.messages import Message
+from chatstream.messages import Message, settle_approvals
 from chatstream.metrics import CONTENT_TYPE
 from chatstream.runlog import Reader
-from chatstream.runs import Run, RunState, RunStatus, new_session_id
+from chatstream.runs import Run, RunState, RunStatus, new_session_id, wire_state
 from chatstream.server.auth import Caller
 from chatstream.server.errors import TURN_FAILURE_STATUS, error_response
 from chatstream.server.runtime import runtime_of
 from chatstream.server.schemas import (
+    ApprovalIn,
+    ApprovalOut,
     ChatRequest,
     ChatResponse,
     DeletedOut,
     ErrorOut,
     HealthOut,
     MessageOut,
+    PendingApprovalOut,
     RunOut,
     SessionListOut,
     SessionOut,
@@ -292,10 +295,37 @@ def _run_out(run_id: str, status: RunStatus | None, *, cancelled: bool | None = 
     return RunOut(
         runId=status.run_id,
         sessionId=status.session.id,
-        state=status.state,
+        state=wire_state(status),
         lastSeq=status.last_seq,
         # A cancel says whether it stopped the run; a look says whether it was stopped.
         cancelled=status.state is RunState.CANCELLED if cancelled is None else cancelled,
+        pendingApprovals=[PendingApprovalOut(**call.data()) for call in status.pending],
+    )
+
+
+@router.post(
+    "/api/chat/runs/{run_id}/approvals/{call_id}",
+    response_model=ApprovalOut,
+    response_model_exclude_none=True,
+    responses={
+        404: {"model": ErrorOut, "description": "APPROVAL_NOT_FOUND"},
+        409: {"model": ErrorOut, "description": "APPROVAL_ANSWERED (or expired)"},
+    },
+    summary="Approve or decline a tool call that waits for a person",
+    tags=["chat"],
+)
+async def answer_approval(
+    request: Request, caller: CallerDep, run_id: str, call_id: str, body: ApprovalIn
+) -> ApprovalOut:
+    outcome = await runtime_of(request).runs.answer(
+        run_id, call_id, approved=body.approved, reason=body.reason, caller=caller.id
+    )
+    return ApprovalOut(
+        runId=outcome.run_id,
+        callId=outcome.call_id,
+        approved=outcome.approved,
+        state=outcome.state,
+        continuedRunId=outcome.continued_run_id,
     )
 
 
@@ -421,7 +451,7 @@ async def get_session(request: Request, caller: CallerDep, session_id: str) -> S
         )
     return SessionOut(
         sessionId=session_id,
-        messages=[_message_out(msg) for msg in session.messages],
+        messages=[_message_out(msg) for msg in settle_approvals(session.messages)],
         createdAt=_iso(session.created_at),
         lastActivity=_iso(session.last_activity),
         messageCount=len(session.messages),

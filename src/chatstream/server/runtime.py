@@ -115,6 +115,7 @@ async def build_runtime(
             tool_settings=settings.tooling,
             deps=deps,
             system_prompt=system_prompt or system_prompt_from(settings.system_prompt),
+            approval_timeout_s=settings.turns.approval_timeout_s,
         )
         metrics = Metrics()
         # Runs stay in this process unless the backend shares them (log and coordinator).

@@ -76,6 +76,11 @@ class MessageOut(BaseModel):
     tool: str | None = None
     isError: bool | None = None
     interrupted: bool | None = None
+    approval: str | None = Field(
+        default=None,
+        description="On a tool result of a call that needed approval: approved, declined, "
+        "expired or cancelled (each tool call in toolCalls says the same, or pending).",
+    )
     createdAt: str | None = None
 
 
@@ -107,14 +112,52 @@ class DeletedOut(BaseModel):
     deleted: bool
 
 
+class PendingApprovalOut(BaseModel):
+    id: str = Field(description="The tool call's id.")
+    tool: str
+    args: dict[str, Any]
+    expiresAt: str = Field(description="When it is declined unanswered (ISO 8601).")
+
+
 class RunOut(BaseModel):
     runId: str
     sessionId: str
-    state: str
+    state: str = Field(
+        description='"running", "waiting" (for approval), "done", "failed", "cancelled"'
+    )
     lastSeq: int
     cancelled: bool = Field(
         default=False,
         description="Whether the run was stopped; on a cancel, whether this request stopped it.",
+    )
+    pendingApprovals: list[PendingApprovalOut] = Field(
+        default_factory=list, description="The tool calls waiting for a person's answer."
+    )
+
+
+class ApprovalIn(BaseModel):
+    """A person's answer to a tool call waiting for approval."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"approved": False, "reason": "Not that file."}]},
+    )
+
+    approved: bool
+    reason: Text | None = Field(
+        default=None, max_length=2000, description="Told to the model when declined."
+    )
+
+
+class ApprovalOut(BaseModel):
+    runId: str
+    callId: str
+    approved: bool
+    state: str = Field(description="The run's state after the answer.")
+    continuedRunId: str | None = Field(
+        default=None,
+        description="Set when the answer continued a turn parked by a restart: stream it "
+        "with lastEventId=<continuedRunId>:0.",
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from chatstream.messages import Message, history_length
 
@@ -78,6 +78,15 @@ class SessionStore(Protocol):
 
     async def list(self, *, limit: int = 50, owner: str = "") -> list[SessionSummary]:
         """An owner's most recently active sessions first, by their public ids."""
+        ...
+
+    async def park(self, run_id: str, record: dict[str, Any] | None) -> None:
+        """Keep ``record`` (JSON) under a run that was stopped while it waited for approval,
+        so that an answer after a restart can continue it; None forgets it."""
+        ...
+
+    async def parked(self, run_id: str) -> dict[str, Any] | None:
+        """What ``park`` kept for a run, or None."""
         ...
 
     async def ping(self) -> bool:

@@ -255,6 +255,26 @@ class RedisStore:
                 )
         return summaries
 
+    async def park(self, run_id: str, record: dict[str, Any] | None) -> None:
+        """Keep (or, with None, forget) a parked run's record, under ``<p>:parked:<runId>``."""
+        key = f"{self.prefix}:parked:{run_id}"
+
+        async def write() -> None:
+            if record is None:
+                await self.redis.delete(key)
+            else:
+                await self.redis.set(key, orjson.dumps(record))
+
+        await outlast(write, within_s=self.outage_s, what=f"parking run {run_id!r}")
+
+    async def parked(self, run_id: str) -> dict[str, Any] | None:
+        """A parked run's record, or None."""
+        try:
+            body = await self.redis.get(f"{self.prefix}:parked:{run_id}")
+        except (RedisError, OSError) as exc:
+            raise unavailable(f"reading parked run {run_id!r}", exc) from exc
+        return None if body is None else cast("dict[str, Any]", orjson.loads(body))
+
     async def ping(self) -> bool:
         """True when Redis answers a PING."""
         try:

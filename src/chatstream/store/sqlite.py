@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 
@@ -24,7 +24,8 @@ from chatstream.errors import StoreError
 from chatstream.messages import Message
 from chatstream.store.base import Session, SessionRef, SessionSummary
 
-SCHEMA_VERSION = 1
+# 1: sessions and messages. 2: parked runs (turns waiting for approval across a restart).
+SCHEMA_VERSION = 2
 T = TypeVar("T")
 
 _SCHEMA = [
@@ -46,6 +47,12 @@ _SCHEMA = [
     ) WITHOUT ROWID
     """,
     "CREATE INDEX IF NOT EXISTS sessions_by_activity ON sessions(last_activity DESC)",
+    """
+    CREATE TABLE IF NOT EXISTS parked_runs (
+        run_id TEXT PRIMARY KEY,
+        body   BLOB NOT NULL
+    ) WITHOUT ROWID
+    """,
 ]
 
 
@@ -199,6 +206,30 @@ class SQLiteStore:
             lambda: self._db.execute(query, (*args, limit)).fetchall(), "could not list sessions"
         )
         return [SessionSummary(SessionRef.from_key(r[0]).id, r[1], r[2], r[3], r[4]) for r in rows]
+
+    def _park(self, run_id: str, record: dict[str, Any] | None) -> None:
+        with _transaction(self._db):
+            if record is None:
+                self._db.execute("DELETE FROM parked_runs WHERE run_id = ?", (run_id,))
+            else:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO parked_runs (run_id, body) VALUES (?, ?)",
+                    (run_id, orjson.dumps(record)),
+                )
+
+    async def park(self, run_id: str, record: dict[str, Any] | None) -> None:
+        """Keep (or, with None, forget) what a parked run needs to go on after a restart."""
+        await self._run(lambda: self._park(run_id, record), f"could not park run {run_id!r}")
+
+    async def parked(self, run_id: str) -> dict[str, Any] | None:
+        """A parked run's record, or None."""
+        row = await self._run(
+            lambda: self._db.execute(
+                "SELECT body FROM parked_runs WHERE run_id = ?", (run_id,)
+            ).fetchone(),
+            f"could not read parked run {run_id!r}",
+        )
+        return None if row is None else cast("dict[str, Any]", orjson.loads(row[0]))
 
     async def ping(self) -> bool:
         """Run a trivial query."""
