@@ -144,6 +144,7 @@ async def test_a_call_waits_for_approval_then_runs(
             }
             result = json.loads((await events.until("tool_result")).data)
             assert result["isError"] is False
+            assert result["approval"] == "approved"
             assert result["result"] == "Sent 'Hello' to kim@example.com."
             await events.until("done")
             assert events.of("tool_progress")[0]["message"] == "sending"
@@ -170,7 +171,7 @@ async def test_a_declined_call_never_runs_and_the_model_is_told_why(
             assert answer.json()["approved"] is False
             result = json.loads((await events.until("tool_result")).data)
             await events.until("done")
-        assert result["isError"] is True
+        assert (result["isError"], result["approval"]) == (True, "declined")
         assert result["result"] == "The user declined to run send_email. Their reason: Not today."
         assert ran(ran_log) == []
         told = upstream.requests[-1].body["messages"][-1]
@@ -192,7 +193,7 @@ async def test_an_unanswered_call_expires_and_a_late_answer_is_refused(
             run_id = run_of(await events.until("approval_required"))
             result = json.loads((await events.until("tool_result")).data)
             await events.until("done")
-        assert result["isError"] is True
+        assert (result["isError"], result["approval"]) == (True, "expired")
         assert result["result"] == "Nobody approved send_email within 0.5 s, so it did not run."
         late = await http.post(
             f"/api/chat/runs/{run_id}/approvals/call_mail", json={"approved": True}
@@ -403,7 +404,9 @@ async def test_a_restart_keeps_a_pending_approval_and_the_answer_continues_the_t
             http.base_url = httpx.URL(second.url)
             session = (await http.get("/api/chat/sessions/s-restart")).json()
             step = session["messages"][-1]
+            # The page of another device finds the run to answer in on the call.
             assert step["toolCalls"][0]["approval"] == "pending"
+            assert step["toolCalls"][0]["runId"] == run_id
             state = (await http.get(f"/api/chat/runs/{run_id}")).json()
             assert state["state"] == "waiting"
             assert state["pendingApprovals"] == [json.loads(asked.data)]
@@ -424,6 +427,7 @@ async def test_a_restart_keeps_a_pending_approval_and_the_answer_continues_the_t
             roles = [m["role"] for m in session["messages"]]
             assert roles == ["user", "assistant", "tool", "assistant"]
             assert session["messages"][1]["toolCalls"][0]["approval"] == "approved"
+            assert "runId" not in session["messages"][1]["toolCalls"][0]
             assert session["historyLength"] == 2
             again = await http.post(
                 f"/api/chat/runs/{run_id}/approvals/call_mail", json={"approved": True}
@@ -445,6 +449,7 @@ async def test_a_new_message_instead_of_an_answer_declines_the_parked_call(
                 run_id = run_of(await events.until("approval_required"))
                 first.terminate()
                 await events.until("error")
+            assert first.process.wait(timeout=20) in (0, -signal.SIGTERM)
         with server_process(*args, env=env) as second:
             http.base_url = httpx.URL(second.url)
             params = {"message": "never mind", "sessionId": "s-moved-on"}

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,17 @@ import pytest
 from chatstream import messages as m
 from chatstream.config import Settings
 from chatstream.messages import ToolCallRequest
+from chatstream.server.app import create_app
 from chatstream.store.base import SessionRef
 from tests.fakes.open_meteo import run_fake_open_meteo
+from tests.support import approval_tools
+from tests.support import process as server_processes
+from tests.support.process import server_process
 from tests.support.proxy import CuttingProxy, cutting_proxy
-from tests.support.server import LiveServer, live_server
+from tests.support.server import LiveServer, free_port, live_server
 
 try:
-    from playwright.sync_api import Browser, Page, expect, sync_playwright
+    from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 except ImportError as exc:  # the browser fixture fails with what to install
     PLAYWRIGHT_MISSING: str | None = str(exc)
 else:
@@ -88,6 +93,12 @@ RECORD_TOOL_CARD = """() => {
 }"""
 
 MARKUP = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+
+# send_email and delete_file need a person's yes; each call that runs is logged to a file.
+EMAIL = {"to": "kim@example.com", "subject": "Hi"}
+SEND_EMAIL = f"call send_email {json.dumps(EMAIL)}"
+SENT = "Sent 'Hi' to kim@example.com."
+APPROVAL_TOOLS = "tests.support.approval_tools:tools"
 
 
 def counted(n: int) -> str:
@@ -522,3 +533,228 @@ def test_markup_from_users_models_and_tools_is_shown_as_text(
         expect(links).to_have_count(1)
         expect(links).to_have_attribute("href", "https://example.com/?a=1&b=2")
         expect(text).to_contain_text(f"[not a link](javascript:window.__pwned=3) and {MARKUP}")
+
+
+# -- approvals ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ran_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The file the approval tools log each call that runs to (the server runs in-process)."""
+    path = tmp_path / "ran.jsonl"
+    monkeypatch.setenv("APPROVAL_TOOLS_LOG", str(path))
+    return path
+
+
+def ran(path: Path) -> list[dict[str, object]]:
+    return approval_tools.ran(str(path))
+
+
+@contextmanager
+def approval_server(settings: Settings, **changes: Any) -> Iterator[LiveServer]:
+    """A server whose tools include send_email and delete_file, which need approval."""
+    configured = settings.with_(model="scripted:10", **changes)
+    with live_server(configured, lambda s: create_app(s, tools=approval_tools.tools)) as live:
+        yield live
+
+
+def asking(page: Page) -> Locator:
+    """The one tool card, once it shows its request for approval."""
+    card = page.locator(".tool")
+    expect(card.locator(".tool-state")).to_have_text("Needs approval")
+    expect(card.get_by_role("button", name="Approve")).to_be_visible()
+    expect(card.get_by_role("button", name="Decline")).to_be_visible()
+    return card
+
+
+def waiting_run(live: LiveServer, page: Page) -> dict[str, Any]:
+    """The server's view of the page's active run."""
+    run_id = stored(live, page)["activeRunId"]
+    response = httpx.get(f"{live.url}/api/chat/runs/{run_id}", timeout=10)
+    response.raise_for_status()
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def last_text(page: Page) -> Locator:
+    return page.locator(".msg.assistant .text").last
+
+
+def test_a_call_that_needs_approval_runs_only_after_approve(
+    page: Page, settings: Settings, ran_log: Path, tmp_path: Path
+) -> None:
+    with approval_server(settings) as live:
+        page.goto(live.url)
+        send(page, SEND_EMAIL)
+        card = asking(page)
+        expect(card.locator(".tool-name")).to_have_text("send_email")
+        expect(card.locator(".tool-args")).to_have_text('to: "kim@example.com", subject: "Hi"')
+        expect(card.get_by_role("group", name="Approve send_email?")).to_contain_text(
+            "Run send_email? Nothing has run yet. It waits until"
+        )
+        page.screenshot(path=tmp_path / "approval-asked.png")
+        # The run waits for the answer, and nothing of the tool has run.
+        run = waiting_run(live, page)
+        assert run["state"] == "waiting"
+        assert [(p["tool"], p["args"]) for p in run["pendingApprovals"]] == [("send_email", EMAIL)]
+        assert ran(ran_log) == []
+        expect(page.get_by_role("button", name="Stop")).to_be_enabled()
+
+        card.get_by_role("button", name="Approve").click()
+        expect(card.get_by_role("button")).to_have_count(0)
+        expect(card).to_have_class("tool ok")
+        expect(card.locator(".tool-state")).to_have_text("Done")
+        expect(card.locator(".tool-result")).to_have_text(SENT)
+        wait_until_answered(page)
+        expect(last_text(page)).to_have_text(f"Here is what I found: {SENT}")
+        page.screenshot(path=tmp_path / "approval-approved.png")
+        assert ran(ran_log) == [{"tool": "send_email", **EMAIL}]
+        call = stored(live, page)["messages"][1]["toolCalls"][0]
+        assert call["approval"] == "approved"
+
+
+def test_decline_with_a_reason_tells_the_model_and_the_tool_never_runs(
+    page: Page, settings: Settings, ran_log: Path, tmp_path: Path
+) -> None:
+    with approval_server(settings) as live:
+        page.goto(live.url)
+        send(page, f"call delete_file {json.dumps({'path': MARKUP})}")
+        card = asking(page)
+        # Arguments that look like markup are shown as text, in the request too.
+        expect(card.locator(".tool-args")).to_have_text(f"path: {json.dumps(MARKUP)}")
+        card.get_by_label("Reason for declining (optional)").fill("Not that <b>file</b>")
+        card.get_by_role("button", name="Decline").click()
+
+        expect(card.get_by_role("button")).to_have_count(0)
+        expect(card).to_have_class("tool refused declined")
+        expect(card.locator(".tool-state")).to_have_text("Declined")
+        expect(card.locator(".tool-result")).to_have_text(
+            "The user declined to run delete_file. Their reason: Not that <b>file</b>"
+        )
+        wait_until_answered(page)
+        expect(last_text(page)).to_contain_text("The user declined to run delete_file.")
+        page.wait_for_timeout(200)  # the time an <img onerror> would need to fire
+        page.screenshot(path=tmp_path / "approval-declined.png")
+        assert page.locator("#log").locator("img, script, b").count() == 0
+        assert page.evaluate("window.__pwned") is None
+        assert ran(ran_log) == []
+        result = stored(live, page)["messages"][2]
+        assert (result["role"], result["approval"], result["isError"]) == ("tool", "declined", True)
+
+        # The stored chat says so too.
+        page.reload()
+        expect(card).to_have_class("tool refused declined")
+        expect(card.locator(".tool-state")).to_have_text("Declined")
+        expect(card.get_by_role("button")).to_have_count(0)
+
+
+def test_after_a_reload_the_buttons_are_back_and_approve_runs_the_call(
+    page: Page, settings: Settings, ran_log: Path, tmp_path: Path
+) -> None:
+    with approval_server(settings) as live:
+        page.goto(live.url)
+        send(page, SEND_EMAIL)
+        asking(page)
+        page.reload()
+        # The page resumes the waiting run; its replay asks again, on one card.
+        card = asking(page)
+        expect(page.locator(".tool")).to_have_count(1)
+        expect(page.locator(".msg.user")).to_have_text([SEND_EMAIL])
+        expect(card.locator(".tool-args")).to_have_text('to: "kim@example.com", subject: "Hi"')
+        page.screenshot(path=tmp_path / "approval-after-reload.png")
+        assert ran(ran_log) == []
+        assert waiting_run(live, page)["state"] == "waiting"
+
+        card.get_by_role("button", name="Approve").click()
+        expect(card.locator(".tool-result")).to_have_text(SENT)
+        expect(card).to_have_class("tool ok")
+        wait_until_answered(page)
+        expect(last_text(page)).to_have_text(f"Here is what I found: {SENT}")
+        expect(page.locator(".tool")).to_have_count(1)
+        assert ran(ran_log) == [{"tool": "send_email", **EMAIL}]
+
+
+def test_an_unanswered_call_expires_and_says_so(
+    page: Page, settings: Settings, ran_log: Path
+) -> None:
+    with approval_server(settings, approval_timeout_s=1.5) as live:
+        page.goto(live.url)
+        send(page, SEND_EMAIL)
+        card = page.locator(".tool")
+        expect(card.locator(".tool-state")).to_have_text("Expired")
+        expect(card).to_have_class("tool refused expired")
+        expect(card.get_by_role("button")).to_have_count(0)
+        expect(card.locator(".tool-result")).to_have_text(
+            "Nobody approved send_email within 1.5 s, so it did not run."
+        )
+        wait_until_answered(page)
+        assert ran(ran_log) == []
+        assert stored(live, page)["messages"][2]["approval"] == "expired"
+
+
+def test_stop_while_a_call_waits_cancels_it(page: Page, settings: Settings, ran_log: Path) -> None:
+    with approval_server(settings) as live:
+        page.goto(live.url)
+        send(page, SEND_EMAIL)
+        card = asking(page)
+        page.get_by_role("button", name="Stop").click()
+        expect(card).to_have_class("tool refused cancelled")
+        expect(card.locator(".tool-state")).to_have_text("Cancelled")
+        expect(card.get_by_role("button")).to_have_count(0)
+        expect(card.locator(".tool-note")).to_have_text(
+            "Not run: the answer was stopped before anyone said yes."
+        )
+        expect(page.locator(".msg.assistant .note")).to_have_text(
+            "Stopped — this answer is incomplete."
+        )
+        assert ran(ran_log) == []
+        result = stored(live, page)["messages"][2]
+        assert (result["role"], result["approval"]) == ("tool", "cancelled")
+        page.reload()
+        expect(card.locator(".tool-state")).to_have_text("Cancelled")
+        expect(card.locator(".tool-result")).to_contain_text("so it did not run")
+
+
+def test_a_call_parked_by_a_restart_is_answered_after_it_and_the_turn_goes_on(
+    page: Page, ran_log: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A real `chatstream serve`, stopped with SIGTERM and started again on the same port
+    # and SQLite file, so that the page (its origin, its tab's storage) stays the same.
+    port = free_port()
+    monkeypatch.setattr(server_processes, "free_port", lambda: port)
+    store = f"sqlite:///{tmp_path / 'restart.db'}"
+    args = ("--model", "scripted:10", "--store", store, "--tools", APPROVAL_TOOLS)
+    env = {"APPROVAL_TOOLS_LOG": str(ran_log)}
+    with server_process(*args, env=env) as first:
+        page.goto(first.url)
+        send(page, SEND_EMAIL)
+        card = asking(page)
+        first.terminate()
+        # The server stops while the call waits: the page is told that the call is kept.
+        expect(page.locator(".msg.assistant .note.error")).to_contain_text(
+            "answer it after the restart"
+        )
+        first.process.wait(timeout=20)
+    expect(card.get_by_role("button", name="Approve")).to_be_visible()
+    with server_process(*args, env=env) as second:
+        session = page.locator("#log").get_attribute("data-session-id")
+        stored_turn = httpx.get(f"{second.url}/api/chat/sessions/{session}", timeout=10).json()
+        assert stored_turn["messages"][1]["toolCalls"][0]["approval"] == "pending"
+        # A reload shows the stored turn, with the parked call still asking.
+        page.reload()
+        card = asking(page)
+        page.screenshot(path=tmp_path / "approval-after-restart.png")
+        assert ran(ran_log) == []
+
+        card.get_by_role("button", name="Approve").click()
+        expect(card.locator(".tool-result")).to_have_text(SENT)
+        expect(card).to_have_class("tool ok")
+        expect(last_text(page)).to_have_text(f"Here is what I found: {SENT}")
+        wait_until_answered(page)
+        expect(page.locator(".tool")).to_have_count(1)
+        expect(page.locator(".msg.assistant")).to_have_count(1)
+        assert ran(ran_log) == [{"tool": "send_email", **EMAIL}]
+        stored_turn = httpx.get(f"{second.url}/api/chat/sessions/{session}", timeout=10).json()
+        messages = stored_turn["messages"]
+        assert [msg["role"] for msg in messages] == ["user", "assistant", "tool", "assistant"]
+        assert messages[1]["toolCalls"][0]["approval"] == "approved"

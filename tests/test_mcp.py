@@ -3,9 +3,9 @@
 The servers are real processes: ``tests/support/mcp_server.py`` (written with the ``mcp``
 SDK) over stdio and over Streamable HTTP on loopback, and
 ``@modelcontextprotocol/server-everything`` from npm, pinned in
-``tests/support/npm_mcp`` and installed on first use with ``npm ci`` (skipped only where
-Node.js and npm are missing). A tool is called as the agent calls it: ``tool(ctx, args)``
-under ``asyncio.timeout(tool.timeout_s)``.
+``tests/support/npm_mcp`` and installed on first use with ``npm ci`` (the test fails with
+an install hint where Node.js or npm is missing). A tool is called as the agent calls it:
+``tool(ctx, args)`` under ``asyncio.timeout(tool.timeout_s)``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -29,13 +28,9 @@ from chatstream.errors import ToolError
 from chatstream.tools.base import Tool, ToolContext
 from chatstream.tools.mcp import McpConfigError, McpServers
 from chatstream.tools.mcp.config import HttpTransport, StdioTransport, load_config
+from tests.support.mcp_helpers import alive, children, events, everything_server, http_server, stdio
 from tests.support.process import serving
 from tests.support.server import free_port
-
-TEST_SERVER = Path(__file__).resolve().parent / "support" / "mcp_server.py"
-NPM_DIR = Path(__file__).resolve().parent / "support" / "npm_mcp"
-EVERYTHING = NPM_DIR / "node_modules" / "@modelcontextprotocol" / "server-everything"
-
 
 # Helpers.
 
@@ -49,31 +44,6 @@ class Progress:
 
     def _sink(self, message: str, fraction: float | None) -> None:
         self.steps.append((message, fraction, time.monotonic()))
-
-
-def stdio(log: Path, **options: Any) -> dict[str, Any]:
-    """The config of the test server over stdio, recording to ``log``."""
-    env = {"MCP_TEST_LOG": str(log), **options.pop("env", {})}
-    return {"command": sys.executable, "args": [str(TEST_SERVER)], "env": env, **options}
-
-
-def events(log: Path, kind: str) -> list[dict[str, Any]]:
-    if not log.exists():
-        return []
-    lines = log.read_text(encoding="utf-8").splitlines()
-    return [e for e in map(json.loads, lines) if e["event"] == kind]
-
-
-@contextmanager
-def http_server(log: Path, token: str | None = None, port: int | None = None) -> Iterator[str]:
-    """The test server over Streamable HTTP on a loopback port; yields its URL."""
-    port = port or free_port()
-    command = [sys.executable, str(TEST_SERVER), "--http", str(port)]
-    if token:
-        command += ["--token", token]
-    process = subprocess.Popen(command, env={**os.environ, "MCP_TEST_LOG": str(log)})
-    with serving(process, port):
-        yield f"http://127.0.0.1:{port}/mcp"
 
 
 @asynccontextmanager
@@ -103,30 +73,6 @@ async def until(condition: Callable[[], bool], within: float = 15.0) -> None:
     async with asyncio.timeout(within):
         while not condition():  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a process that has not exited (a zombie counts as exited)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def children() -> set[int]:
-    """The live processes whose parent is this test process."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[1]) == os.getpid() and fields[0] != "Z":
-                found.add(int(entry.name))
-    return found
 
 
 @pytest.fixture
@@ -528,28 +474,6 @@ async def test_close_leaves_no_child_process(log: Path) -> None:
 
 
 # A real server from npm.
-
-
-def everything_server() -> list[str]:
-    """The command of the pinned server-everything, installed with ``npm ci`` when missing."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        # As for Bruno's CLI: never skipped, since the suite's own setup can install it.
-        pytest.fail(
-            "@modelcontextprotocol/server-everything needs Node.js and npm, and "
-            f"{'node' if node is None else 'npm'} is not on PATH "
-            "(Debian: apt-get install nodejs npm)."
-        )
-    entry = EVERYTHING / "dist" / "index.js"
-    if not entry.exists():
-        command = [npm, "ci", "--prefix", str(NPM_DIR), "--no-audit", "--no-fund"]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"`{' '.join(command)}` did not finish in 5 minutes")
-        if done.returncode != 0 or not entry.exists():
-            pytest.fail(f"`{' '.join(command)}` failed:\n{done.stdout[-3000:]}\n{done.stderr}")
-    return [node, str(entry), "stdio"]
 
 
 async def test_server_everything_from_npm_sums_and_reports_progress_as_it_runs() -> None:

@@ -20,6 +20,8 @@ import httpx
 import pytest
 
 from chatstream.config import Settings
+from chatstream.server.app import create_app
+from tests.support import approval_tools
 from tests.support.server import LiveServer, free_port, live_server
 
 HELLO = "Hello! I am the scripted model. Ask me about the weather, the time or some arithmetic."
@@ -31,6 +33,11 @@ ANSI = re.compile(
 )
 
 MCP_TEST_SERVER = Path(__file__).parent / "support" / "mcp_server.py"
+
+# send_email needs a person's yes; each call that runs is logged to APPROVAL_TOOLS_LOG.
+SEND_EMAIL = 'call send_email {"to": "kim@example.com", "subject": "Hi"}'
+EMAIL_CALL = 'send_email(to="kim@example.com", subject="Hi")'
+SENT = "Sent 'Hi' to kim@example.com."
 
 
 def chat_command(url: str, *args: str) -> list[str]:
@@ -285,3 +292,93 @@ def test_in_a_terminal_an_mcp_tool_shows_live_progress_then_its_result(
         term.expect("you > ")
         term.send("/exit\r")
         assert term.wait() == 0
+
+
+# -- tool calls that need approval ------------------------------------------------
+
+
+@pytest.fixture
+def ran_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The file the approval tools log each call that runs to (the server runs in-process)."""
+    path = tmp_path / "ran.jsonl"
+    monkeypatch.setenv("APPROVAL_TOOLS_LOG", str(path))
+    return path
+
+
+def ran(path: Path) -> list[dict[str, object]]:
+    return approval_tools.ran(str(path))
+
+
+@pytest.fixture
+def approval_server(settings: Settings, ran_log: Path) -> Iterator[LiveServer]:
+    """A server whose tools include send_email, which needs approval."""
+    with live_server(settings, lambda s: create_app(s, tools=approval_tools.tools)) as live:
+        yield live
+
+
+def test_in_a_terminal_y_runs_a_call_that_needs_approval(
+    approval_server: LiveServer, ran_log: Path
+) -> None:
+    with terminal(chat_command(approval_server.url)) as term:
+        term.expect("you > ")
+        term.send(SEND_EMAIL + "\r")
+        term.expect(f"Run {EMAIL_CALL}? [y/N] ")
+        assert ran(ran_log) == []  # it waits for the answer
+        term.send("y\r")
+        term.expect(f"✓ {EMAIL_CALL} → {SENT}")
+        term.expect(f"Here is what I found: {SENT}")
+        term.expect("you > ")
+        assert ran(ran_log) == [{"tool": "send_email", "to": "kim@example.com", "subject": "Hi"}]
+        term.send("/exit\r")
+        assert term.wait() == 0
+
+
+def test_in_a_terminal_n_declines_with_the_reason_typed_after_it(
+    approval_server: LiveServer, ran_log: Path
+) -> None:
+    with terminal(chat_command(approval_server.url)) as term:
+        term.expect("you > ")
+        term.send(SEND_EMAIL + "\r")
+        term.expect(f"Run {EMAIL_CALL}? [y/N] ")
+        term.send("n wrong address\r")
+        declined = "The user declined to run send_email. Their reason: wrong address"
+        term.expect(f"✗ {EMAIL_CALL} → {declined}")
+        term.expect(f"Here is what I found: send_email failed: {declined}")
+        # The chat goes on: the next message is a message, and the call never ran.
+        term.expect("you > ")
+        term.send("count to 3\r")
+        term.expect("1 2 3")
+        term.expect("you > ")
+        term.send("/exit\r")
+        assert term.wait() == 0
+    assert ran(ran_log) == []
+
+
+def test_piped_chat_declines_a_call_that_needs_approval_and_reads_on(
+    approval_server: LiveServer, ran_log: Path
+) -> None:
+    # The line after the call is the next message, never taken as an answer.
+    done = piped(approval_server.url, f"{SEND_EMAIL}\ncount to 3\n")
+    assert done.returncode == 0, done.stderr
+    declined = "The user declined to run send_email. Their reason: no terminal to ask"
+    assert done.stdout.splitlines() == [
+        f"? {EMAIL_CALL}: declined, no terminal to ask (--yes approves)",
+        f"✗ {EMAIL_CALL} → {declined}",
+        f"Here is what I found: send_email failed: {declined}",
+        "1 2 3",
+    ]
+    assert ran(ran_log) == []
+
+
+def test_piped_chat_with_yes_approves_without_asking(
+    approval_server: LiveServer, ran_log: Path
+) -> None:
+    done = piped(approval_server.url, f"{SEND_EMAIL}\n", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"? {EMAIL_CALL}: approved (--yes)",
+        "  · send_email: sending 50%",
+        f"✓ {EMAIL_CALL} → {SENT}",
+        f"Here is what I found: {SENT}",
+    ]
+    assert ran(ran_log) == [{"tool": "send_email", "to": "kim@example.com", "subject": "Hi"}]

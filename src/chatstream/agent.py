@@ -48,6 +48,8 @@ class Turn:
     finished: bool = False
     # Set when the server stops while a call waits: stored up to the call, to go on later.
     parked: bool = False
+    # The run driving the turn: a pending call is stored with it, to be answered there.
+    run_id: str | None = None
 
     def to_store(self) -> list[Message]:
         """The user message, every finished tool round, and the answer.
@@ -68,11 +70,15 @@ class Turn:
     def _with_approvals(self, step: Message) -> Message:
         if not self.approvals or not any(c.id in self.approvals for c in step.tool_calls):
             return step
-        calls = tuple(
-            replace(c, approval=self.approvals[c.id]) if c.id in self.approvals else c
-            for c in step.tool_calls
-        )
+        calls = tuple(self._call_with_approval(c) for c in step.tool_calls)
         return replace(step, tool_calls=calls)
+
+    def _call_with_approval(self, call: ToolCallRequest) -> ToolCallRequest:
+        approval = self.approvals.get(call.id)
+        if approval is None:
+            return call
+        run_id = self.run_id if approval == Verdict.PENDING else None
+        return replace(call, approval=approval, run_id=run_id)
 
     @property
     def usage(self) -> dict[str, int]:
@@ -281,7 +287,7 @@ class Agent:
             turn.approvals[call.id] = answer.verdict
             if not answer.approved:
                 text = refusal(call.name, answer, gate.timeout_s)
-                updates.put_nowait(ToolResult(call.id, call.name, text, True))
+                updates.put_nowait(ToolResult(call.id, call.name, text, True, answer.verdict))
                 return
         try:
             ctx = ToolContext[Any](report, self.tool_settings, self.deps)
@@ -291,7 +297,8 @@ class Agent:
             # waiting until the turn times out.
             log.exception("tool call %s of %r failed", call.id, call.name)
             result, is_error = f"{call.name} failed with an internal error.", True
-        updates.put_nowait(ToolResult(call.id, call.name, result, is_error))
+        approval = turn.approvals.get(call.id)
+        updates.put_nowait(ToolResult(call.id, call.name, result, is_error, approval))
 
     async def _call(self, call: ToolCallRequest, ctx: ToolContext) -> tuple[str, bool]:
         tool = self.tools.get(call.name)

@@ -207,15 +207,33 @@ def chat(
         str | None,
         typer.Option(envvar="CHATSTREAM_API_KEY", help="API key, when the server wants one."),
     ] = None,
+    # No environment variable on purpose: approving everything is said each time.
+    yes: Annotated[
+        bool,
+        typer.Option(
+            "--yes",
+            help="Approve every tool call that needs approval, without asking. Otherwise "
+            "a terminal asks y/N, and piped input declines them.",
+        ),
+    ] = False,
 ) -> None:
     """Chat in the terminal: tokens as they come, a live line per running tool.
 
     Commands: /new (a new session), /history (this session so far), /exit. Ctrl-C
-    stops the answer being written without leaving the chat.
+    stops the answer being written without leaving the chat. A tool call that needs
+    approval is asked about (y/N) first.
     """
     from chatstream.terminal import run_chat
 
-    raise typer.Exit(run_chat(url, session_id=session, enable_tools=not no_tools, api_key=api_key))
+    raise typer.Exit(
+        run_chat(
+            url,
+            session_id=session,
+            enable_tools=not no_tools,
+            api_key=api_key,
+            approve_all=yes,
+        )
+    )
 
 
 @app.command("hash-key")

@@ -85,10 +85,15 @@ class ToolResult:
     tool: str
     result: str
     is_error: bool = False
+    # For a call that needed approval: how it was answered (approved, declined, …).
+    approval: str | None = None
     type: Literal["tool_result"] = field(default="tool_result", init=False)
 
     def data(self) -> dict[str, Any]:
-        return {"id": self.id, "tool": self.tool, "result": self.result, "isError": self.is_error}
+        data = {"id": self.id, "tool": self.tool, "result": self.result, "isError": self.is_error}
+        if self.approval is not None:
+            data["approval"] = self.approval
+        return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,7 +366,11 @@ def parse_event(frame: Frame) -> Event:
             )
         case "tool_result":
             return ToolResult(
-                id=data["id"], tool=data["tool"], result=data["result"], is_error=data["isError"]
+                id=data["id"],
+                tool=data["tool"],
+                result=data["result"],
+                is_error=data["isError"],
+                approval=data.get("approval"),
             )
         case "done":
             return Done(

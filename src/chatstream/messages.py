@@ -14,18 +14,22 @@ class ToolCallRequest:
     """One call the model asked for: an id, a tool name and parsed JSON arguments.
 
     ``approval`` is set on a stored call of a tool that needed a person's yes: how that
-    ended (``approvals.Verdict``), or ``"pending"`` while the turn waits for it.
+    ended (``approvals.Verdict``), or ``"pending"`` while the turn waits for it, with the
+    ``run_id`` to answer it in.
     """
 
     id: str
     name: str
     arguments: dict[str, Any]
     approval: str | None = None
+    run_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"id": self.id, "tool": self.name, "args": self.arguments}
         if self.approval is not None:
             data["approval"] = self.approval
+        if self.run_id is not None:
+            data["runId"] = self.run_id
         return data
 
     @classmethod
@@ -35,6 +39,7 @@ class ToolCallRequest:
             name=data["tool"],
             arguments=dict(data.get("args") or {}),
             approval=data.get("approval"),
+            run_id=data.get("runId"),
         )
 
 
@@ -137,7 +142,7 @@ def settle_approvals(messages: Sequence[Message]) -> list[Message]:
     for msg in messages:
         if any(c.approval == PENDING and c.id in answered for c in msg.tool_calls):
             calls = tuple(
-                replace(c, approval=answered[c.id])
+                replace(c, approval=answered[c.id], run_id=None)
                 if c.approval == PENDING and c.id in answered
                 else c
                 for c in msg.tool_calls

@@ -408,6 +408,7 @@ class RunManager:
         while history and history[0].role != "user":
             history = history[1:]
         run.turn = turn
+        turn.run_id = run.id
         run.task = asyncio.create_task(
             self._drive(run, history, turn, enable_tools, waiting), name=f"chatstream-{run.id}"
         )

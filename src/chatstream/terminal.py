@@ -12,6 +12,12 @@ Lines read from stdin are messages, except ``/new`` (start a new session),
 being written stops the run on the server (the cancel endpoint) and returns to
 the prompt; Ctrl-C or the end of input at the prompt leaves.
 
+A tool call that needs approval is asked about: ``Run send_email(to=…)? [y/N]``.
+``y`` (or ``yes``) runs it; anything else declines it, and what follows ``n`` is
+the reason the model is told (``n wrong address``). Piped input is never read as
+an answer, since it holds the next messages: such a call is declined ("no terminal
+to ask"), unless ``--yes`` approves every call without asking.
+
 Exit status: 0; 1 when the server cannot be reached, or when input is not a
 terminal and a turn failed (so scripts notice); 130 after Ctrl-C at the prompt.
 """
@@ -25,12 +31,22 @@ from typing import Any, Protocol, TextIO
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.spinner import Spinner
 from rich.text import Text
 
 from chatstream.client import ChatStream, Client, ClientError, ClientException, ConnectionFailed
 from chatstream.errors import ErrorCode
-from chatstream.events import Done, Error, Event, Token, ToolCall, ToolProgress, ToolResult
+from chatstream.events import (
+    ApprovalRequired,
+    Done,
+    Error,
+    Event,
+    Token,
+    ToolCall,
+    ToolProgress,
+    ToolResult,
+)
 
 COMMANDS = "/new, /history, /exit"
 # Model and tool text must not drive the terminal: drop C0 controls but tab and
@@ -69,6 +85,9 @@ class Renderer(Protocol):
     def notice(self, text: str, *, error: bool = False) -> None:
         """A line of the chat's own (stopped, refused, history…)."""
 
+    def answered(self, call_id: str, *, approved: bool) -> None:
+        """A call that waited for approval was answered; the turn goes on."""
+
     def end(self) -> None:
         """The turn is over, however it ended: leave the cursor at a line start."""
 
@@ -98,6 +117,8 @@ class PlainRenderer:
             self._write(clean(event.content))
         elif isinstance(event, ToolCall):
             self.calls[event.id] = describe_call(event.tool, event.args)
+        elif isinstance(event, ApprovalRequired):
+            self.end()  # the question, or what was decided, goes on a line of its own
         elif isinstance(event, ToolProgress):
             # The fraction as the terminal's spinner line shows it: an MCP server's
             # progress/total, or a built-in's own estimate.
@@ -114,6 +135,9 @@ class PlainRenderer:
 
     def notice(self, text: str, *, error: bool = False) -> None:
         self._line(text)
+
+    def answered(self, call_id: str, *, approved: bool) -> None:
+        """Nothing to redraw: the result line follows."""
 
     def end(self) -> None:
         if self.mid_line:
@@ -196,6 +220,12 @@ class LiveRenderer:
         elif isinstance(event, ToolCall):
             self.tools[event.id] = _ToolLine(describe_call(event.tool, event.args))
             self._show()
+        elif isinstance(event, ApprovalRequired):
+            line = self.tools.get(event.id)
+            if line is not None:
+                line.message = "waiting for your answer"
+            # The question is asked on a line of its own, with no spinner redrawing it.
+            self.end()
         elif isinstance(event, ToolProgress):
             line = self.tools.get(event.id)
             if line is not None:
@@ -223,11 +253,21 @@ class LiveRenderer:
         self._hide()
         self._print(Text(text, style="bold red" if error else "dim"))
 
+    def answered(self, call_id: str, *, approved: bool) -> None:
+        line = self.tools.get(call_id)
+        if line is not None:
+            line.message = "approved, starting" if approved else "declined"
+        self._show()
+
     def end(self) -> None:
         self._hide()
         if self.mid_line:
             self.console.out("")
             self.mid_line = False
+
+
+# A piped chat's answer when it may not approve by itself: its stdin holds messages.
+NO_TERMINAL = "no terminal to ask"
 
 
 class Chat:
@@ -242,6 +282,7 @@ class Chat:
         console: Console,
         renderer: Renderer,
         prompt: str | None,
+        approve_all: bool = False,
     ) -> None:
         self.client = client
         self.session_id = session_id
@@ -249,15 +290,17 @@ class Chat:
         self.console = console
         self.renderer = renderer
         self.prompt = prompt
+        self.approve_all = approve_all
         self.failed = False
 
-    def read(self) -> str:
+    def read(self, prompt: str | None = None) -> str:
         """The next line of input; EOFError at its end, KeyboardInterrupt on Ctrl-C."""
-        if self.prompt is None:
+        prompt = prompt or self.prompt
+        if prompt is None:
             return input()
         if self.console.is_terminal:
-            return self.console.input(self.prompt)
-        return input(Text.from_markup(self.prompt).plain)
+            return self.console.input(prompt)
+        return input(Text.from_markup(prompt).plain)
 
     def loop(self) -> int:
         while True:
@@ -298,6 +341,9 @@ class Chat:
                 self.renderer.event(event)
                 if isinstance(event, Error):
                     self.failed = True
+                elif isinstance(event, ApprovalRequired) and stream.run_id is not None:
+                    # The stream waits meanwhile (the server keeps it alive with heartbeats).
+                    self.approve(stream.run_id, event)
         except KeyboardInterrupt:
             stream.close()
             self.renderer.end()
@@ -312,6 +358,37 @@ class Chat:
             self.renderer.end()
             if stream.session_id is not None:
                 self.session_id = stream.session_id
+
+    def approve(self, run_id: str, event: ApprovalRequired) -> None:
+        """Ask whether the call may run (or decide as the options say), and answer it."""
+        call = describe_call(event.tool, event.args)
+        reason: str | None = None
+        if self.approve_all:
+            approved = True
+            self.renderer.notice(f"? {call}: approved (--yes)")
+        elif self.prompt is None:
+            approved, reason = False, NO_TERMINAL
+            self.renderer.notice(f"? {call}: declined, {NO_TERMINAL} (--yes approves)")
+        else:
+            try:
+                # Escaped: the call's arguments are the model's text, not rich markup.
+                reply = self.read(f"[bold yellow]Run {escape(call)}?[/] {escape('[y/N]')} ").strip()
+            except EOFError:
+                reply = ""
+            word, _, rest = reply.partition(" ")
+            approved = word.lower() in ("y", "yes")
+            if not approved and word.lower() in ("n", "no"):
+                reason = rest.strip() or None
+        try:
+            self.client.approve(run_id, event.id, approved=approved, reason=reason)
+        except ClientError as exc:
+            # Answered elsewhere meanwhile (the web page), or expired: the stream says how.
+            self.renderer.notice(f"✗ answer not taken: {exc.code}: {exc.message}", error=True)
+            return
+        except ClientException as exc:
+            self.renderer.notice(f"✗ answer not sent: {exc}", error=True)
+            return
+        self.renderer.answered(event.id, approved=approved)
 
     def stop(self, stream: ChatStream) -> None:
         """Ctrl-C during an answer: cancel the run on the server, keep the chat going."""
@@ -371,8 +448,12 @@ def run_chat(
     session_id: str | None = None,
     enable_tools: bool = True,
     api_key: str | None = None,
+    approve_all: bool = False,
 ) -> int:
-    """Chat with the server at ``url`` until /exit, the end of input, or Ctrl-C at the prompt."""
+    """Chat with the server at ``url`` until /exit, the end of input, or Ctrl-C at the prompt.
+
+    ``approve_all`` approves every tool call that asks, without asking.
+    """
     console = Console(highlight=False)
     rich = console.is_terminal and not console.is_dumb_terminal
     interactive = sys.stdin.isatty()
@@ -400,5 +481,6 @@ def run_chat(
             console=console,
             renderer=renderer,
             prompt=("[bold cyan]you >[/] " if interactive else None),
+            approve_all=approve_all,
         )
         return chat.loop()

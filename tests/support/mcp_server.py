@@ -9,7 +9,12 @@ total or message, a slow call, a process that dies mid-call, a call that never e
 result that breaks the protocol, every kind of content, ``isError``, and a tool list
 that changes while connected. What the server saw (starts, calls cancelled by the
 client) goes, one JSON object a line, to the file named by ``MCP_TEST_LOG`` so a test
-can assert it; ``MCP_TEST_START_DELAY`` makes it slow to start.
+can assert it; ``MCP_TEST_START_DELAY`` makes it slow to start, and
+``MCP_TEST_RESTART_DELAY`` slow to start again (when that log already holds a start:
+a client restarting it after a crash stays without it that long, a first start is quick).
+``MCP_TEST_STUBBORN`` makes it a server that will not stop: it ignores SIGTERM and the
+end of its stdin, and runs a child process of its own (recorded as ``child``), as a
+server wrapping another program does; only killing its process tree ends both.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import asyncio
 import base64
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from typing import Any
@@ -43,6 +50,15 @@ def record(event: str, **fields: Any) -> None:
     line = json.dumps({"event": event, "pid": os.getpid(), "t": time.time(), **fields})
     with open(path, "a", encoding="utf-8") as log:
         log.write(line + "\n")
+
+
+def restarted() -> bool:
+    """Whether ``MCP_TEST_LOG`` says the server has started before."""
+    path = os.environ.get("MCP_TEST_LOG")
+    if not path or not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as log:
+        return any(json.loads(line)["event"] == "start" for line in log)
 
 
 async def malformed_results(
@@ -218,13 +234,26 @@ def main() -> None:
     parser.add_argument("--token")
     options = parser.parse_args()
     delay = float(os.environ.get("MCP_TEST_START_DELAY", "0"))
+    if restarted():
+        delay += float(os.environ.get("MCP_TEST_RESTART_DELAY", "0"))
     if delay:
         time.sleep(delay)
     record("start", transport="http" if options.http else "stdio")
+    stubborn = bool(os.environ.get("MCP_TEST_STUBBORN"))
+    if stubborn:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the child inherits it
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(120)"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )
+        record("child", child=child.pid)
     if options.http:
         run_http(options.http, options.token)
     else:
         asyncio.run(server.run_stdio_async())
+    if stubborn:
+        time.sleep(120)  # bounded, so that a test that fails leaves nothing for long
     print("mcp test server stopped", file=sys.stderr)
 
 

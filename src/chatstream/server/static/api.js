@@ -1,6 +1,14 @@
 // The server's HTTP API as the page uses it: JSON calls, and one run's event stream.
 
-const EVENT_TYPES = ["token", "tool_call", "tool_progress", "tool_result", "done", "error"];
+const EVENT_TYPES = [
+  "token",
+  "tool_call",
+  "approval_required",
+  "tool_progress",
+  "tool_result",
+  "done",
+  "error",
+];
 
 /** An error the server answered with `{"error": {code, message}}`. */
 export class ApiError extends Error {
@@ -22,26 +30,34 @@ export function setApiKey(key) {
   sessionStorage.setItem(KEY_ITEM, key);
 }
 
-async function call(method, path) {
+async function call(method, path, body = undefined) {
   const headers = { Accept: "application/json" };
   if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
-  const response = await fetch(path, { method, headers });
-  const body = await response.json().catch(() => null);
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const json = body === undefined ? undefined : JSON.stringify(body);
+  const response = await fetch(path, { method, headers, body: json });
+  const answer = await response.json().catch(() => null);
   if (!response.ok) {
-    const error = body?.error ?? {};
+    const error = answer?.error ?? {};
     throw new ApiError(
       response.status,
       error.code ?? `HTTP_${response.status}`,
       error.message ?? response.statusText,
     );
   }
-  return body;
+  return answer;
 }
 
 export const listSessions = () => call("GET", "/api/chat/sessions?limit=100");
 export const getSession = (id) => call("GET", `/api/chat/sessions/${encodeURIComponent(id)}`);
 export const cancelRun = (runId) =>
   call("POST", `/api/chat/runs/${encodeURIComponent(runId)}/cancel`);
+
+/** Answer a tool call waiting for approval: `{runId, callId, approved, state, continuedRunId?}`. */
+export function answerApproval(runId, callId, { approved, reason = null }) {
+  const path = `/api/chat/runs/${encodeURIComponent(runId)}/approvals/${encodeURIComponent(callId)}`;
+  return call("POST", path, reason ? { approved, reason } : { approved });
+}
 
 /** A session id made here, so the page knows it before the first event arrives. */
 export function newSessionId() {

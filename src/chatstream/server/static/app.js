@@ -1,4 +1,5 @@
-// The chat page: send a message, follow its run, stop it, resume it, switch chats.
+// The chat page: send a message, follow its run, stop it, resume it, switch chats,
+// answer the tool calls that wait for approval.
 
 import * as api from "./api.js";
 import { AnswerView, h, renderHistory, userMessage } from "./view.js";
@@ -28,14 +29,20 @@ const state = {
   view: null, // the answer being written, from send (or resume) until it ends
   follower: null, // its open stream; null while reconnecting
   runId: null,
+  pending: null, // the message whose answer is being written: {message}
+  asked: {}, // call id -> the run that asked for its approval, in this chat
+  shown: [], // the stored answers on screen (from the session's history)
   opening: 0, // counts openSession calls, so that only the latest one renders
   pinned: true, // the log follows new text unless the reader scrolled up
 };
 
 // -- what survives a reload --------------------------------------------------------
-// Per tab (sessionStorage): the chat on screen, and the message whose answer is
-// being written. The run itself is found again through the session's
-// `activeRunId`, which is right even when the reload came before the first event.
+// Per tab (sessionStorage): the chat on screen, the message whose answer is being
+// written, and the runs that asked for approvals. The run itself is found again
+// through the session's `activeRunId`, which is right even when the reload came
+// before the first event; but a run parked by a server restart is no session's
+// active run any more, and the session view does not name it, so the page keeps
+// the run of each call it was asked about, to answer it after the restart.
 
 const KEY = "chatstream";
 
@@ -47,8 +54,9 @@ function saved() {
   }
 }
 
-function remember({ pending = null } = {}) {
-  sessionStorage.setItem(KEY, JSON.stringify({ sessionId: state.sessionId, pending }));
+function remember() {
+  const { sessionId, pending, asked } = state;
+  sessionStorage.setItem(KEY, JSON.stringify({ sessionId, pending, asked }));
   els.log.dataset.sessionId = state.sessionId ?? "";
 }
 
@@ -75,7 +83,7 @@ function follow(url, view, { runId = null, afterSeq = 0, attempt = 0 } = {}) {
       open: () => status(""),
       event(type, data, where) {
         state.runId = where.runId;
-        apply(view, type, data);
+        apply(view, type, data, where);
         if (type === "done" || type === "error") finished();
       },
       reconnecting: () => status("Connection lost — reconnecting…"),
@@ -85,15 +93,23 @@ function follow(url, view, { runId = null, afterSeq = 0, attempt = 0 } = {}) {
   );
 }
 
-function apply(view, type, data) {
+function apply(view, type, data, where) {
   switch (type) {
     case "token":
       return view.text(data.content);
     case "tool_call":
       return view.toolCall(data);
+    case "approval_required":
+      state.asked[data.id] = where.runId;
+      remember();
+      return view.approvalRequired(data, where.runId);
     case "tool_progress":
       return view.toolProgress(data);
     case "tool_result":
+      if (data.id in state.asked) {
+        delete state.asked[data.id];
+        remember();
+      }
       return view.toolResult(data);
     case "done":
       return view.finish();
@@ -107,10 +123,27 @@ function apply(view, type, data) {
 function finished() {
   state.follower = null;
   state.runId = null;
+  state.pending = null;
   setStreaming(false);
   status("");
   remember();
   refreshSessions();
+}
+
+const newView = () => new AnswerView({ answer: answerCall });
+
+/** Send a person's answer to a call waiting for approval (the card's buttons). */
+async function answerCall({ view, callId, runId, approved, reason }) {
+  const reply = await api.answerApproval(runId, callId, { approved, reason });
+  if (reply.continuedRunId && !state.view) {
+    // Its turn was parked by a server restart: the answer continues it in a new run,
+    // which streams from its start; it writes on in the same answer.
+    state.shown = state.shown.filter((shown) => shown !== view);
+    view.reopen();
+    status("");
+    follow(api.resumeUrl(reply.continuedRunId, 0), view, { runId: reply.continuedRunId });
+  }
+  return reply;
 }
 
 /** The stream closed before its end: pick the run up again, or show how it ended. */
@@ -161,10 +194,14 @@ function send(message) {
   if (state.view || !message.trim()) return;
   state.sessionId ??= api.newSessionId();
   els.empty.hidden = true;
-  const view = new AnswerView();
+  // The server declines the calls of a parked turn that a new message leaves.
+  for (const shown of state.shown) shown.leaveWaiting();
+  state.shown = [];
+  const view = newView();
   els.log.append(userMessage(message), view.element);
   state.pinned = true;
-  remember({ pending: { message } });
+  state.pending = { message };
+  remember();
   follow(api.turnUrl(message, state.sessionId, els.tools.checked), view);
 }
 
@@ -195,15 +232,21 @@ function unfollow() {
 function showHistory(messages) {
   els.log.replaceChildren(els.empty);
   els.empty.hidden = messages.length > 0;
-  renderHistory(els.log, messages);
+  state.shown = renderHistory(els.log, messages, {
+    answer: answerCall,
+    runOf: (callId) => state.asked[callId] ?? null,
+  });
 }
 
 async function openSession(sessionId) {
   unfollow();
   const before = saved();
-  const pending = before.sessionId === sessionId ? before.pending : null;
+  const same = before.sessionId === sessionId;
+  const pending = same ? before.pending : null;
   const ticket = ++state.opening;
   state.sessionId = sessionId;
+  state.pending = null;
+  state.asked = same ? (before.asked ?? {}) : {};
   remember();
   markCurrent();
   let session = null;
@@ -219,11 +262,12 @@ async function openSession(sessionId) {
   if (session?.activeRunId) {
     // An answer is being written: replay it from its first event, then follow it live.
     els.empty.hidden = true;
-    const view = new AnswerView();
+    const view = newView();
     if (pending) els.log.append(userMessage(pending.message));
     els.log.append(view.element);
     status("Resuming the answer in progress…");
-    remember({ pending });
+    state.pending = pending;
+    remember();
     follow(api.resumeUrl(session.activeRunId, 0), view, { runId: session.activeRunId });
   }
   state.pinned = true;
@@ -234,6 +278,8 @@ function newChat() {
   unfollow();
   state.opening++;
   state.sessionId = api.newSessionId();
+  state.pending = null;
+  state.asked = {};
   remember();
   showHistory([]);
   markCurrent();

@@ -3,6 +3,10 @@
 // Text from the model, tools or the user enters the page only as text nodes
 // (`h` appends strings as text, and Markdown goes through renderMarkdown, which
 // does the same), so none of it can become markup.
+//
+// A tool call that needs approval shows Approve / Decline on its card until it is
+// answered, here or elsewhere; a call that did not run says why (declined, expired,
+// cancelled) instead of "Failed".
 
 import { renderMarkdown } from "./markdown.js";
 
@@ -21,9 +25,15 @@ export function userMessage(text) {
   return h("article", { className: "msg user" }, h("div", { className: "bubble" }, text));
 }
 
-/** One answer: text segments and tool cards in the order they came, then how it ended. */
+/**
+ * One answer: text segments and tool cards in the order they came, then how it ended.
+ *
+ * `answer({view, callId, runId, approved, reason})` sends a person's answer to a call
+ * waiting for approval, and resolves with the server's reply (or rejects with its error).
+ */
 export class AnswerView {
-  constructor() {
+  constructor({ answer = null } = {}) {
+    this.answer = answer;
     this.body = h("div", { className: "answer" });
     this.typing = h(
       "div",
@@ -64,28 +74,62 @@ export class AnswerView {
     this.dirty.clear();
   }
 
-  toolCall({ id, tool, args }) {
+  toolCall({ id, tool, args, approval }) {
     this.segment = null;
+    this.showTyping(false);
+    // A turn continued after a restart sends its calls again: they keep their card.
+    if (this.tools.has(id)) return;
     const card = new ToolCard(tool, args);
+    if (approval && approval !== "pending") card.verdict = approval;
     this.tools.set(id, card);
     this.body.append(card.element);
+  }
+
+  /** The call waits for a person; `runId` is where to send the answer (null: unknown here). */
+  approvalRequired({ id, tool, args, expiresAt }, runId) {
+    if (!this.tools.has(id)) this.toolCall({ id, tool, args });
+    const card = this.tools.get(id);
+    const send = (approved, reason) =>
+      this.answer({ view: this, callId: id, runId, approved, reason });
+    card.ask({ tool, expiresAt, send: runId && this.answer ? send : null });
     this.showTyping(false);
+  }
+
+  /** Whether a call still waits for an answer on this view. */
+  get waiting() {
+    return [...this.tools.values()].some((card) => card.waiting);
+  }
+
+  /** A new message was sent instead of answering: the server declines what waited. */
+  leaveWaiting() {
+    for (const card of this.tools.values()) {
+      if (card.waiting) card.refused("declined", "Not run: a new message was sent instead.");
+    }
   }
 
   toolProgress({ id, message, progress }) {
     this.tools.get(id)?.progress(message, progress);
   }
 
-  toolResult({ id, tool, result, isError }) {
+  toolResult({ id, tool, result, isError, approval }) {
     let card = this.tools.get(id);
     if (!card) {
       // A stored tool message whose call was not shown: still show what it said.
       card = new ToolCard(tool ?? "tool", null);
       this.body.append(card.element);
     }
-    card.result(result, isError);
+    card.result(result, isError, approval);
     // Every tool has answered: the model is thinking about what they said.
     if ([...this.tools.values()].every((c) => c.finished)) this.showTyping(true);
+  }
+
+  /** The turn goes on in a new run (an approval answered after a restart): write on here. */
+  reopen() {
+    this.element.classList.remove("failed", "interrupted");
+    for (const note of this.element.querySelectorAll(":scope > .note")) note.remove();
+    this.element.setAttribute("aria-busy", "true");
+    this.segment = null;
+    this.showTyping(!this.waiting);
   }
 
   showTyping(on) {
@@ -97,7 +141,13 @@ export class AnswerView {
     this.render();
     this.showTyping(false);
     this.element.setAttribute("aria-busy", "false");
-    for (const card of this.tools.values()) if (!card.finished) card.stop();
+    // A call waiting for approval outlives a server restart (the server parks it) and a
+    // page that lost the server; any other end of the run leaves it cancelled.
+    const parked = error?.code === "SHUTTING_DOWN" || error?.code === "NETWORK";
+    for (const card of this.tools.values()) {
+      if (card.finished || (card.waiting && (parked || (!error && !stopped)))) continue;
+      card.stop();
+    }
     if (error) {
       this.element.classList.add("failed");
       this.element.append(
@@ -111,11 +161,23 @@ export class AnswerView {
   }
 }
 
+const VERDICTS = {
+  declined: "Declined",
+  expired: "Expired",
+  cancelled: "Cancelled",
+};
+
 class ToolCard {
   constructor(tool, args) {
     this.finished = false;
+    this.waiting = false; // for a person's answer: the Approve / Decline buttons show
+    this.verdict = null; // how it was answered, once known here
+    this.choice = null; // the answer clicked here, while it is being sent
+    this.expiresAt = null;
+    this.approval = null;
     this.state = h("span", { className: "tool-state" }, "Running");
     this.line = h("p", { className: "tool-progress" });
+    this.note = h("p", { className: "tool-note", hidden: true });
     this.fill = h("span");
     this.meter = h(
       "div",
@@ -139,11 +201,127 @@ class ToolCard {
         : null,
       this.line,
       this.meter,
+      this.note,
       this.output,
     );
   }
 
+  /**
+   * Show the request for approval: Approve, and Decline with an optional reason. `send`
+   * posts the answer; without it (the run is not known here) the card only says so.
+   */
+  ask({ tool, expiresAt, send }) {
+    if (this.finished || this.verdict) return; // a replay of a request answered since
+    this.waiting = true;
+    this.expiresAt = expiresAt ? Date.parse(expiresAt) : null;
+    this.element.classList.remove("running");
+    this.element.classList.add("waiting");
+    this.state.textContent = "Needs approval";
+    this.approval?.remove();
+    const until = this.expiresAt
+      ? ` It waits until ${new Date(this.expiresAt).toLocaleTimeString([], {
+          hour: "2-digit",
+          minute: "2-digit",
+        })}.`
+      : "";
+    const question = h("p", { className: "tool-ask" }, `Run ${tool}? Nothing has run yet.${until}`);
+    if (!send) {
+      this.approval = h(
+        "div",
+        { className: "tool-approval" },
+        question,
+        h("p", { className: "tool-note" }, "Answer it where this chat was started."),
+      );
+      this.element.insertBefore(this.approval, this.note);
+      return;
+    }
+    const reason = h("input", {
+      type: "text",
+      className: "tool-reason",
+      maxLength: 2000,
+      placeholder: "Reason, if you decline (optional)",
+      "aria-label": "Reason for declining (optional)",
+    });
+    const approve = h("button", { type: "button", className: "button primary" }, "Approve");
+    const decline = h("button", { type: "button", className: "button decline" }, "Decline");
+    const trouble = h("p", { className: "tool-trouble", role: "alert" });
+    const answer = async (approved) => {
+      approve.disabled = decline.disabled = reason.disabled = true;
+      trouble.textContent = "";
+      // Its result may come before the reply does.
+      this.choice = approved ? "approved" : "declined";
+      try {
+        await send(approved, approved ? null : reason.value.trim() || null);
+      } catch (error) {
+        this.choice = null;
+        if (error.code === "APPROVAL_ANSWERED" || error.code === "APPROVAL_NOT_FOUND") {
+          // Answered elsewhere (another tab, the terminal), expired, or its run is gone.
+          this.settleAsking();
+          this.element.classList.remove("waiting");
+          this.state.textContent = "Answered";
+          this.showNote("This call was already answered, or its time ran out.");
+          return;
+        }
+        approve.disabled = decline.disabled = reason.disabled = false;
+        trouble.textContent = `Your answer was not sent: ${error.message}. Try again.`;
+        return;
+      }
+      if (this.finished) return;
+      if (approved) this.approved();
+      else this.refused("declined", "Declined — the assistant is told.");
+    };
+    approve.addEventListener("click", () => answer(true));
+    decline.addEventListener("click", () => answer(false));
+    reason.addEventListener("keydown", (event) => {
+      // Enter in the reason box declines (never approves by accident).
+      if (event.key === "Enter" && !event.isComposing) {
+        event.preventDefault();
+        answer(false);
+      }
+    });
+    this.approval = h(
+      "div",
+      { className: "tool-approval", role: "group", "aria-label": `Approve ${tool}?` },
+      question,
+      h("div", { className: "tool-actions" }, reason, approve, decline),
+      trouble,
+    );
+    this.element.insertBefore(this.approval, this.note);
+  }
+
+  settleAsking() {
+    this.waiting = false;
+    this.approval?.remove();
+    this.approval = null;
+  }
+
+  approved() {
+    this.settleAsking();
+    this.verdict = "approved";
+    this.element.classList.remove("waiting");
+    this.element.classList.add("running");
+    this.state.textContent = "Running";
+    if (!this.line.textContent) this.line.textContent = "Approved — running…";
+  }
+
+  /** It will not run (`verdict`: declined, expired, cancelled); its result may follow. */
+  refused(verdict, why) {
+    this.settleAsking();
+    this.verdict = verdict;
+    this.meter.hidden = true;
+    this.element.classList.remove("waiting", "running");
+    this.element.classList.add("refused", verdict);
+    this.state.textContent = VERDICTS[verdict] ?? "Not run";
+    if (why) this.showNote(why);
+  }
+
+  showNote(text) {
+    this.note.textContent = text;
+    this.note.hidden = false;
+  }
+
   progress(message, fraction) {
+    if (this.waiting) this.approved(); // answered elsewhere: it runs
     this.line.textContent = message;
     if (typeof fraction === "number") {
       const percent = Math.round(Math.min(1, Math.max(0, fraction)) * 100);
@@ -153,19 +331,40 @@ class ToolCard {
     }
   }
 
-  result(text, isError) {
+  /** The call's result; `approval` (from the stored session) says how it was answered. */
+  result(text, isError, approval) {
+    const verdict =
+      approval ?? this.verdict ?? (this.waiting ? (this.choice ?? this.unanswered()) : null);
+    this.settleAsking();
     this.finished = true;
     this.meter.hidden = true;
-    this.element.classList.remove("running");
-    this.element.classList.add(isError ? "failed" : "ok");
-    this.state.textContent = isError ? "Failed" : "Done";
     this.output.textContent = text;
     this.output.hidden = false;
+    if (isError && verdict && verdict !== "approved") {
+      // It did not run: say why, not "Failed" (the result is what the model was told).
+      if (this.verdict !== verdict || !this.element.classList.contains("refused")) {
+        this.refused(verdict, null);
+      }
+      return;
+    }
+    this.element.classList.remove("running", "waiting");
+    this.element.classList.add(isError ? "failed" : "ok");
+    this.state.textContent = isError ? "Failed" : "Done";
+  }
+
+  /** Why a call that waited got a refusal without an answer from here. */
+  unanswered() {
+    // Its time ran out, or someone declined it elsewhere (another tab, the terminal).
+    return this.expiresAt !== null && Date.now() >= this.expiresAt - 2000 ? "expired" : "declined";
   }
 
   stop() {
     this.finished = true;
     this.meter.hidden = true;
+    if (this.waiting) {
+      this.refused("cancelled", "Not run: the answer was stopped before anyone said yes.");
+      return;
+    }
     this.element.classList.remove("running");
     this.element.classList.add("stopped");
     this.state.textContent = "Stopped";
@@ -194,8 +393,15 @@ function formatArgs(args) {
     .join(", ");
 }
 
-/** Render stored messages (GET /api/chat/sessions/{id}) into `log`. */
-export function renderHistory(log, messages) {
+/**
+ * Render stored messages (GET /api/chat/sessions/{id}) into `log`; returns the answers.
+ *
+ * A call stored as `approval: "pending"` (its turn was parked by a server restart)
+ * gets its buttons back when `runOf(callId)` knows the run to answer it in; `answer`
+ * is AnswerView's.
+ */
+export function renderHistory(log, messages, { answer: send = null, runOf = () => null } = {}) {
+  const answers = [];
   let answer = null;
   for (const message of messages) {
     if (message.role === "user") {
@@ -205,7 +411,8 @@ export function renderHistory(log, messages) {
       continue;
     }
     if (answer === null) {
-      answer = new AnswerView();
+      answer = new AnswerView({ answer: send });
+      answers.push(answer);
       log.append(answer.element);
     }
     if (message.role === "tool") {
@@ -214,10 +421,14 @@ export function renderHistory(log, messages) {
         tool: message.tool,
         result: message.content,
         isError: Boolean(message.isError),
+        approval: message.approval,
       });
     } else {
       answer.text(message.content);
-      for (const call of message.toolCalls ?? []) answer.toolCall(call);
+      for (const call of message.toolCalls ?? []) {
+        answer.toolCall(call);
+        if (call.approval === "pending") answer.approvalRequired(call, runOf(call.id));
+      }
       if (message.interrupted) {
         answer.finish({ interrupted: true });
         answer = null;
@@ -225,4 +436,5 @@ export function renderHistory(log, messages) {
     }
   }
   answer?.finish();
+  return answers;
 }
