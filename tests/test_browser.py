@@ -740,6 +740,17 @@ def test_a_call_parked_by_a_restart_is_answered_after_it_and_the_turn_goes_on(
         session = page.locator("#log").get_attribute("data-session-id")
         stored_turn = httpx.get(f"{second.url}/api/chat/sessions/{session}", timeout=10).json()
         assert stored_turn["messages"][1]["toolCalls"][0]["approval"] == "pending"
+        # Another device (a browser with none of this tab's storage) that picks the chat
+        # can answer the parked call too: the stored call names its run.
+        other = page.context.browser.new_context()  # type: ignore[union-attr]
+        try:
+            elsewhere = other.new_page()
+            elsewhere.goto(second.url)
+            elsewhere.locator(f'#session-list button[data-session-id="{session}"]').click()
+            asking(elsewhere)
+            expect(elsewhere.locator(".tool-note")).not_to_contain_text("where this chat")
+        finally:
+            other.close()
         # A reload shows the stored turn, with the parked call still asking.
         page.reload()
         card = asking(page)

@@ -397,8 +397,8 @@ function formatArgs(args) {
  * Render stored messages (GET /api/chat/sessions/{id}) into `log`; returns the answers.
  *
  * A call stored as `approval: "pending"` (its turn was parked by a server restart)
- * gets its buttons back when `runOf(callId)` knows the run to answer it in; `answer`
- * is AnswerView's.
+ * gets its buttons back, answered in the run the call names (`runId`), or else the one
+ * `runOf(callId)` remembers; `answer` is AnswerView's.
  */
 export function renderHistory(log, messages, { answer: send = null, runOf = () => null } = {}) {
   const answers = [];
@@ -427,7 +427,9 @@ export function renderHistory(log, messages, { answer: send = null, runOf = () =
       answer.text(message.content);
       for (const call of message.toolCalls ?? []) {
         answer.toolCall(call);
-        if (call.approval === "pending") answer.approvalRequired(call, runOf(call.id));
+        if (call.approval === "pending") {
+          answer.approvalRequired(call, call.runId ?? runOf(call.id));
+        }
       }
       if (message.interrupted) {
         answer.finish({ interrupted: true });
