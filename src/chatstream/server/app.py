@@ -18,7 +18,7 @@ from starlette.staticfiles import StaticFiles
 from chatstream import __version__
 from chatstream.config import Settings
 from chatstream.models import Model
-from chatstream.server import errors, routes
+from chatstream.server import agui, errors, routes, ui_stream
 from chatstream.server.limits import BodyLimit
 from chatstream.server.origin import CorsPolicy, OriginGuard, is_loopback
 from chatstream.server.requestlog import RequestLog
@@ -83,6 +83,9 @@ def create_app(
     )
     errors.install(app)
     app.include_router(routes.router)
+    # The same runs in the frontends' protocols: the Vercel AI SDK's and AG-UI.
+    app.include_router(ui_stream.router)
+    app.include_router(agui.router)
     # The chat page's scripts and styles (GET / serves its index.html).
     app.mount("/static", StaticFiles(directory=routes.STATIC), name="static")
     # Starlette runs the middleware added last first: RequestLog, OriginGuard, BodyLimit,

@@ -6,29 +6,25 @@ import asyncio
 import datetime as dt
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from chatstream import __version__
 from chatstream.errors import (
     ClientGone,
     ErrorCode,
     InvalidRequest,
-    MessageTooLong,
     NotFound,
-    Refused,
     SessionBusy,
 )
 from chatstream.events import Done, Error, Transcript
 from chatstream.messages import Message, settle_approvals
 from chatstream.metrics import CONTENT_TYPE
 from chatstream.runlog import Reader
-from chatstream.runs import Run, RunState, RunStatus, new_session_id, wire_state
+from chatstream.runs import Run, RunState, RunStatus, wire_state
 from chatstream.server.auth import Caller
 from chatstream.server.errors import TURN_FAILURE_STATUS, error_response
 from chatstream.server.runtime import runtime_of
@@ -51,25 +47,10 @@ from chatstream.server.schemas import (
     ToolOut,
 )
 from chatstream.server.sse import EventStream
+from chatstream.server.turns import CallerDep, acquire_slot, start_turn, validate_turn
 
 router = APIRouter()
-_bearer = HTTPBearer(
-    auto_error=False,
-    description="An API key, when the server has keys (also accepted as ?access_token=).",
-)
-
-
-async def _caller(
-    request: Request,
-    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Caller:
-    return runtime_of(request).keys.caller(request)
-
-
-CallerDep = Annotated[Caller, Depends(_caller)]
-"""Who sends the request, resolved once; 401 for a missing or wrong key."""
 STATIC = Path(__file__).parent / "static"
-SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # ``<runId>:<seq>``. Any id of that shape is looked up (an unknown run answers 204, as the
 # contract says); the seq is bounded so that parsing it costs nothing.
 EVENT_ID = re.compile(r"([A-Za-z0-9._-]{1,128}):(\d{1,18})")
@@ -171,14 +152,10 @@ async def _stream(
         reader = await _resumable(request, caller, last_event_id)
         if reader is None:
             return Response(status_code=204)
-        try:
-            release = runtime.slots.acquire(caller.identity)
-        except Refused:
-            reader.close()
-            raise
+        release = acquire_slot(request, caller, reader)
     else:
-        text, session_id = _validate_turn(message, session_id, settings.turns.max_message_chars)
-        run, release = await _start_turn(request, caller, text, session_id, enable_tools)
+        text, session_id = validate_turn(message, session_id, settings.turns.max_message_chars)
+        run, release = await start_turn(request, caller, text, session_id, enable_tools)
         reader = run.log.reader(0)
     log = reader.log
     return EventStream(
@@ -188,32 +165,6 @@ async def _stream(
         headers={"X-Session-Id": log.session.id, "X-Run-Id": log.run_id},
         on_close=release,
     )
-
-
-async def _start_turn(
-    request: Request, caller: Caller, text: str, session_id: str, enable_tools: bool
-) -> tuple[Run, Callable[[], None]]:
-    """Start a turn within the caller's limits; the run, and the release of its slot.
-
-    A streamed and a non-streamed turn count alike: one turn against the rate, one slot
-    against the open-stream limits while the caller waits for it.
-    """
-    runtime = runtime_of(request)
-    identity = caller.identity
-    refund = runtime.turn_rate.check(identity)
-    try:
-        release = runtime.slots.acquire(identity)
-    except Refused:
-        refund()
-        raise
-    try:
-        run = await runtime.runs.start(caller.session(session_id), text, enable_tools=enable_tools)
-    except BaseException:
-        # A turn refused here (busy session, store down) is not counted.
-        release()
-        refund()
-        raise
-    return run, release
 
 
 async def _finished_unless_gone(request: Request, run: Run) -> bool:
@@ -232,20 +183,6 @@ async def _hang_up(request: Request) -> None:
     # The body has been read, so the server's next message is the disconnect.
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _validate_turn(message: str | None, session_id: str | None, max_chars: int) -> tuple[str, str]:
-    if message is None or not message.strip():
-        raise InvalidRequest(
-            "`message` is required and cannot be blank.", code=ErrorCode.MISSING_MESSAGE
-        )
-    if len(message) > max_chars:
-        raise MessageTooLong(f"`message` has {len(message)} characters; the limit is {max_chars}.")
-    if session_id is None:
-        session_id = new_session_id()
-    elif not SESSION_ID.fullmatch(session_id):
-        raise InvalidRequest("`sessionId` must be 1-128 characters of [A-Za-z0-9._:-].")
-    return message, session_id
 
 
 async def _resumable(request: Request, caller: Caller, last_event_id: str) -> Reader | None:
@@ -341,10 +278,10 @@ async def answer_approval(
 )
 async def chat(request: Request, caller: CallerDep, body: ChatRequest) -> ChatResponse | Response:
     runtime = runtime_of(request)
-    text, session_id = _validate_turn(
+    text, session_id = validate_turn(
         body.message, body.sessionId, runtime.settings.turns.max_message_chars
     )
-    run, release = await _start_turn(request, caller, text, session_id, body.enableTools)
+    run, release = await start_turn(request, caller, text, session_id, body.enableTools)
     # The caller is a reader of the run while it waits, as a stream's is: one that hangs
     # up leaves the run to the resume grace period, then it is cancelled.
     reader = run.log.reader(0)

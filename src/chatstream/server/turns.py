@@ -1,0 +1,103 @@
+"""What every endpoint that starts or streams a turn shares: who calls, and a turn within limits.
+
+The native stream (``routes.py``) and the frontends' protocols (``ui_stream.py``,
+``agui.py``) start turns and open streams the same way: one caller dependency, one
+validation of a turn's message and session id, one start that counts against the
+caller's rate and stream slots.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from chatstream.errors import ErrorCode, InvalidRequest, MessageTooLong, Refused
+from chatstream.runlog import Reader
+from chatstream.runs import Run, new_session_id
+from chatstream.server.auth import Caller
+from chatstream.server.runtime import runtime_of
+
+__all__ = [
+    "SESSION_ID",
+    "CallerDep",
+    "acquire_slot",
+    "start_turn",
+    "validate_session_id",
+    "validate_turn",
+]
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="An API key, when the server has keys (also accepted as ?access_token=).",
+)
+SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+async def _caller(
+    request: Request,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    return runtime_of(request).keys.caller(request)
+
+
+CallerDep = Annotated[Caller, Depends(_caller)]
+"""Who sends the request, resolved once; 401 for a missing or wrong key."""
+
+
+async def start_turn(
+    request: Request, caller: Caller, text: str, session_id: str, enable_tools: bool
+) -> tuple[Run, Callable[[], None]]:
+    """Start a turn within the caller's limits; the run, and the release of its slot.
+
+    A streamed and a non-streamed turn count alike: one turn against the rate, one slot
+    against the open-stream limits while the caller waits for it.
+    """
+    runtime = runtime_of(request)
+    identity = caller.identity
+    refund = runtime.turn_rate.check(identity)
+    try:
+        release = runtime.slots.acquire(identity)
+    except Refused:
+        refund()
+        raise
+    try:
+        run = await runtime.runs.start(caller.session(session_id), text, enable_tools=enable_tools)
+    except BaseException:
+        # A turn refused here (busy session, store down) is not counted.
+        release()
+        refund()
+        raise
+    return run, release
+
+
+def acquire_slot(request: Request, caller: Caller, reader: Reader) -> Callable[[], None]:
+    """A stream slot for a reader of a run that is already going (a resume or a replay);
+    the reader is closed when the caller has no slot left."""
+    try:
+        return runtime_of(request).slots.acquire(caller.identity)
+    except Refused:
+        reader.close()
+        raise
+
+
+def validate_session_id(session_id: str | None, *, field: str = "sessionId") -> str:
+    """The session id, or a new one when absent; 400 for one of the wrong shape."""
+    if session_id is None:
+        return new_session_id()
+    if not SESSION_ID.fullmatch(session_id):
+        raise InvalidRequest(f"`{field}` must be 1-128 characters of [A-Za-z0-9._:-].")
+    return session_id
+
+
+def validate_turn(message: str | None, session_id: str | None, max_chars: int) -> tuple[str, str]:
+    if message is None or not message.strip():
+        raise InvalidRequest(
+            "`message` is required and cannot be blank.", code=ErrorCode.MISSING_MESSAGE
+        )
+    if len(message) > max_chars:
+        raise MessageTooLong(f"`message` has {len(message)} characters; the limit is {max_chars}.")
+    return message, validate_session_id(session_id)
