@@ -46,9 +46,10 @@ from chatstream.events import (
 )
 from chatstream.runlog import Entry, Reader
 from chatstream.server.auth import Caller
-from chatstream.server.relay import DATA_EVENT_SCHEMA, EncodedStream, Rounds
+from chatstream.server.relay import DATA_EVENT_SCHEMA, Rounds
 from chatstream.server.runtime import runtime_of
 from chatstream.server.schemas import ErrorOut, Text
+from chatstream.server.sse import EncodedStream
 from chatstream.server.turns import (
     CallerDep,
     acquire_slot,
