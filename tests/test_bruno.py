@@ -61,6 +61,8 @@ def test_the_collection_has_a_request_for_every_endpoint() -> None:
         "sessions-list",
         "run-cancel",
         "run-approval",
+        "ui-chat",
+        "agui",
         "tools",
         "health",
     }
