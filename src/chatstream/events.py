@@ -22,9 +22,14 @@ from typing import Any, Literal
 import orjson
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Token:
-    """A text delta of the model's answer."""
+    """A text delta of the model's answer.
+
+    Not frozen, unlike the other events, on purpose: one is made per token, and a frozen
+    dataclass sets each field through ``object.__setattr__`` (0.40 µs against 0.14, of
+    the ~8 a relayed token costs). Nothing changes a token once made.
+    """
 
     content: str
     type: Literal["token"] = field(default="token", init=False)
@@ -207,12 +212,27 @@ def encode(event: Event, *, event_id: str) -> bytes:
 
 
 def encode_token(content: str, *, event_id: str) -> bytes:
-    """``encode(Token(content))`` without building the Token: the per-token hot path."""
+    """``encode(Token(content))`` without building the Token."""
+    return b"id: %b\nevent: token\ndata: %b\n\n" % (event_id.encode(), _token_data(content))
+
+
+def id_prefix(run_id: str) -> bytes:
+    """What every frame's id line in run ``run_id`` starts with, up to its seq."""
+    if "\n" in run_id or "\r" in run_id:
+        raise ValueError("an event id cannot contain a line break")
+    return b"id: %b:" % run_id.encode()
+
+
+def token_frame(prefix: bytes, seq: int, content: str) -> bytes:
+    """A token's frame, its id ``prefix`` (``id_prefix``) and seq: the per-token hot path."""
+    return b"%b%d\nevent: token\ndata: %b\n\n" % (prefix, seq, _token_data(content))
+
+
+def _token_data(content: str) -> bytes:
     try:
-        data = orjson.dumps({"content": content})
+        return orjson.dumps({"content": content})
     except TypeError:
-        data = dumps({"content": content})
-    return b"".join((b"id: ", event_id.encode(), b"\nevent: token\ndata: ", data, b"\n\n"))
+        return dumps({"content": content})
 
 
 def encode_around_seq(event: Event, run_id: str) -> tuple[bytes, bytes]:

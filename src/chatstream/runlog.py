@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from chatstream.events import Done, Error, Event, Token, encode, encode_token
+from chatstream.events import Done, Error, Event, Token, encode, id_prefix, token_frame
 from chatstream.store.base import SessionRef
 
 
@@ -43,10 +43,9 @@ class Entry:
 
 def entry(run_id: str, seq: int, event: Event) -> Entry:
     """``event`` as the entry of seq ``seq`` in run ``run_id``'s log."""
-    event_id = f"{run_id}:{seq}"
     if type(event) is Token:
-        return Entry(seq, event, encode_token(event.content, event_id=event_id))
-    return Entry(seq, event, encode(event, event_id=event_id))
+        return Entry(seq, event, token_frame(id_prefix(run_id), seq, event.content))
+    return Entry(seq, event, encode(event, event_id=f"{run_id}:{seq}"))
 
 
 class Reader:
@@ -106,12 +105,23 @@ class Log:
     counted reader leaves (the run's owner starts the resume grace period then).
     """
 
-    __slots__ = ("_ended", "_readers", "ended", "entries", "offset", "on_idle", "run_id", "session")
+    __slots__ = (
+        "_ended",
+        "_id_prefix",
+        "_readers",
+        "ended",
+        "entries",
+        "offset",
+        "on_idle",
+        "run_id",
+        "session",
+    )
 
     def __init__(self, run_id: str, session: SessionRef, *, offset: int = 0) -> None:
         self.run_id = run_id
         self.session = session
         self.offset = offset
+        self._id_prefix = id_prefix(run_id)
         self.entries: list[Entry] = []
         self.ended = False
         self.on_idle: Callable[[], None] | None = None
@@ -129,7 +139,11 @@ class Log:
 
     def append(self, event: Event) -> Entry:
         """Encode ``event`` as the next entry, add it, and wake every reader."""
-        new = entry(self.run_id, self.last_seq + 1, event)
+        seq = self.offset + len(self.entries) + 1
+        if type(event) is Token:  # the hot path: one per token, the id's prefix made once
+            new = Entry(seq, event, token_frame(self._id_prefix, seq, event.content))
+        else:
+            new = entry(self.run_id, seq, event)
         self.add(new)
         return new
 
