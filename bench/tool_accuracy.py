@@ -1,10 +1,21 @@
-"""How often the local model picks the right tool (or none) for a fixed set of prompts.
+"""How often the local model picks the right tool (or none), with the right arguments.
 
-Each prompt goes to ``LocalModel.stream`` once with the four real tools offered, as the
-agent's first round does; a case is right when the model calls the expected tool with
-plausible arguments, or answers in text when no tool is expected.
+Two tool sets, each with its own prompts:
 
-Run: ``.venv/bin/python bench/tool_accuracy.py [--model PATH.gguf] [--repeat N] [-v]``
+- ``builtin``: the four real tools (weather, time, arithmetic, temperature conversion);
+- ``custom``: seven tools of other shapes, as a team's own code or an MCP server offers
+  them: nested objects in an array, enums, optional filters, lists of strings, and
+  MCP-style names such as ``files__read-file``. Their schemas come from ``@tool`` (so
+  pydantic's ``$defs``/``$ref``), or are written as an MCP server sends them.
+
+Each prompt goes to ``LocalModel.stream`` once with its set's tools offered, as the agent's
+first round does; a case is right when the model calls the expected tool with arguments of
+the expected shape (the right enum member, the nested fields present), or answers in text
+when no tool is expected. Only the first words of a text answer are read (the choice is
+made before its first token), so a text case costs a few tokens.
+
+Run: ``.venv/bin/python bench/tool_accuracy.py [--tools builtin|custom|both] [--model
+PATH.gguf] [--repeat N] [-v]``
 """
 
 from __future__ import annotations
@@ -15,17 +26,25 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel
+
+from chatstream.errors import ModelError
 from chatstream.messages import Message, ToolCallRequest
 from chatstream.models.base import TextDelta, ToolSpec
 from chatstream.models.local import LocalModel
 from chatstream.prompts import SYSTEM_PROMPT
-from chatstream.tools import default_tools
+from chatstream.tools import ToolContext, default_tools, tool
 
 Check = Callable[[dict[str, Any]], bool]
+
+# A text answer is read this far: enough to show what it was.
+_TEXT_SHOWN = 70
 
 
 def _mentions(*names: str) -> Check:
@@ -36,6 +55,23 @@ def _anything(args: dict[str, Any]) -> bool:
     return True
 
 
+def _says(value: Any, *names: str) -> bool:
+    """Whether ``value`` (any JSON) mentions one of ``names``, ignoring case."""
+    return any(n.lower() in str(value).lower() for n in names)
+
+
+def _emails(value: Any) -> list[str]:
+    """The e-mail addresses in a list of attendees or recipients (objects or strings)."""
+    if not isinstance(value, list):
+        return []
+    found = []
+    for item in value:
+        address = item.get("email") if isinstance(item, dict) else item
+        if isinstance(address, str):
+            found.append(address.lower())
+    return found
+
+
 @dataclass(frozen=True)
 class Case:
     prompt: str
@@ -43,7 +79,7 @@ class Case:
     arguments: Check = _anything
 
 
-CASES = (
+BUILTIN_CASES = (
     # Weather, in several cities and languages.
     Case("What's the weather in Seoul?", "get_weather", _mentions("Seoul", "서울")),
     Case("서울 날씨 어때?", "get_weather", _mentions("Seoul", "서울")),
@@ -78,59 +114,365 @@ CASES = (
 )
 
 
-def tool_specs() -> list[ToolSpec]:
-    """What the server offers the model: the four real tools."""
-    return [t.spec for t in default_tools()]
+# The custom set. The tools never run: the bench reads the calls the model makes.
+
+
+class Attendee(BaseModel):
+    email: str
+    role: Literal["required", "optional"] = "required"
+
+
+class Mode(StrEnum):
+    heat = "heat"
+    cool = "cool"
+    auto = "auto"
+    off = "off"
+
+
+@tool
+async def create_calendar_event(
+    ctx: ToolContext,
+    title: str,
+    start: str,
+    attendees: list[Attendee],
+    duration_minutes: int = 30,
+    visibility: Literal["public", "private"] = "private",
+) -> str:
+    """Create an event in the user's calendar and invite people to it.
+
+    Args:
+        title: What the event is called.
+        start: When it starts, ISO 8601 (2025-03-14T15:00).
+        attendees: Who is invited, each by e-mail address.
+        duration_minutes: How long it lasts.
+        visibility: Who can see it.
+    """
+    return ""
+
+
+@tool
+async def search_orders(
+    ctx: ToolContext,
+    customer: str | None = None,
+    status: Literal["pending", "shipped", "delivered", "cancelled"] | None = None,
+    placed_after: str | None = None,
+    limit: int = 10,
+) -> str:
+    """Search the shop's orders; every filter is optional.
+
+    Args:
+        customer: The customer's name.
+        status: Only orders in this state.
+        placed_after: Only orders placed after this date (YYYY-MM-DD).
+        limit: At most this many orders.
+    """
+    return ""
+
+
+@tool
+async def set_thermostat(
+    ctx: ToolContext, room: str, mode: Mode, target_celsius: float | None = None
+) -> str:
+    """Set a room's thermostat: its mode and, optionally, the temperature to keep.
+
+    Args:
+        room: The room, e.g. "kitchen".
+        mode: heat, cool, auto, or off.
+        target_celsius: The temperature to keep, in °C.
+    """
+    return ""
+
+
+@tool
+async def translate_text(
+    ctx: ToolContext,
+    text: str,
+    target_language: str,
+    formality: Literal["formal", "informal"] | None = None,
+) -> str:
+    """Translate a text into another language.
+
+    Args:
+        text: The text to translate, as the user gave it.
+        target_language: The language to translate into, e.g. "German".
+        formality: The register of the translation, when the user asks for one.
+    """
+    return ""
+
+
+@tool
+async def send_email(
+    ctx: ToolContext, to: list[str], subject: str, body: str, cc: list[str] | None = None
+) -> str:
+    """Send an e-mail on the user's behalf.
+
+    Args:
+        to: The recipients' e-mail addresses.
+        subject: The subject line.
+        body: The message.
+        cc: Addresses to copy in.
+    """
+    return ""
+
+
+# As MCP servers send them: <server>__<tool>, a hand-written JSON schema.
+READ_FILE = ToolSpec(
+    name="files__read-file",
+    description="Read the contents of a file on the user's disk, or only its first lines.",
+    parameters={
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "type": "object",
+        "properties": {
+            "path": {"type": "string", "description": "The file's path."},
+            "head": {"type": "integer", "description": "Read only this many first lines."},
+        },
+        "required": ["path"],
+        "additionalProperties": False,
+    },
+)
+CREATE_ISSUE = ToolSpec(
+    name="github__create-issue",
+    description="Open a new issue in a GitHub repository.",
+    parameters={
+        "type": "object",
+        "properties": {
+            "owner": {"type": "string", "description": "The repository's owner."},
+            "repo": {"type": "string", "description": "The repository's name."},
+            "title": {"type": "string"},
+            "body": {"type": "string"},
+            "labels": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["owner", "repo", "title"],
+    },
+)
+
+
+def _event(*emails: str, visibility: str | None = None) -> Check:
+    def check(args: dict[str, Any]) -> bool:
+        invited = _emails(args.get("attendees"))
+        attendees = args.get("attendees")
+        nested = isinstance(attendees, list) and all(isinstance(a, dict) for a in attendees)
+        return (
+            nested
+            and all(any(e in address for address in invited) for e in emails)
+            and (visibility is None or args.get("visibility") == visibility)
+            and bool(args.get("title"))
+        )
+
+    return check
+
+
+def _thermostat(room: str, mode: str, target: float | None = None) -> Check:
+    return lambda args: (
+        _says(args.get("room"), room)
+        and args.get("mode") == mode
+        and (target is None or args.get("target_celsius") == target)
+    )
+
+
+CUSTOM_CASES = (
+    # A nested array of objects, and an enum with a default.
+    Case(
+        "Schedule a budget review on 2025-05-20 at 15:00 with dana@example.com.",
+        "create_calendar_event",
+        _event("dana@example.com"),
+    ),
+    Case(
+        "Put a public event 'Company picnic' in my calendar for July 4th 2025 at noon and "
+        "invite sam@corp.com and lee@corp.com.",
+        "create_calendar_event",
+        _event("sam@corp.com", "lee@corp.com", visibility="public"),
+    ),
+    Case(
+        "다음 주 월요일 오전 10시에 팀 회의 일정 잡아줘. 참석자는 minsu@example.com이야.",
+        "create_calendar_event",
+        _event("minsu@example.com"),
+    ),
+    # Optional filters only.
+    Case(
+        "Show me all the orders that have shipped.",
+        "search_orders",
+        lambda args: args.get("status") == "shipped",
+    ),
+    Case(
+        "Find the orders placed by Alice Kim.",
+        "search_orders",
+        lambda args: _says(args.get("customer"), "Alice"),
+    ),
+    Case(
+        "취소된 주문 5개만 보여줘.",
+        "search_orders",
+        lambda args: args.get("status") == "cancelled" and args.get("limit") == 5,
+    ),
+    # An MCP-style name with "__" and "-".
+    Case(
+        "Read the file /etc/hosts for me.",
+        "files__read-file",
+        lambda args: args.get("path") == "/etc/hosts",
+    ),
+    Case(
+        "Show me the first 20 lines of notes/todo.md.",
+        "files__read-file",
+        lambda args: _says(args.get("path"), "todo.md") and args.get("head") == 20,
+    ),
+    Case(
+        "Open an issue in octocat/hello-world titled 'Crash on start' with the label bug.",
+        "github__create-issue",
+        lambda args: (
+            args.get("owner") == "octocat"
+            and args.get("repo") == "hello-world"
+            and _says(args.get("title"), "crash")
+            and "bug" in [str(label).lower() for label in args.get("labels") or []]
+        ),
+    ),
+    # An enum behind a $ref.
+    Case(
+        "Heat the living room to 22 degrees.",
+        "set_thermostat",
+        _thermostat("living", "heat", 22),
+    ),
+    Case("Turn the bedroom thermostat off.", "set_thermostat", _thermostat("bedroom", "off")),
+    Case("Cool the office down to 19°C, please.", "set_thermostat", _thermostat("office", "cool")),
+    Case("거실 온도 조절기를 자동 모드로 해줘.", "set_thermostat", _thermostat("거실", "auto")),
+    # Strings, one optional enum.
+    Case(
+        "Translate 'good morning' into Spanish.",
+        "translate_text",
+        lambda args: (
+            _says(args.get("text"), "good morning")
+            and _says(args.get("target_language"), "spanish", "es", "español")
+        ),
+    ),
+    Case(
+        "이 문장을 영어로 번역해줘: 오늘 날씨가 좋네요",
+        "translate_text",
+        lambda args: (
+            _says(args.get("text"), "날씨")
+            and _says(args.get("target_language"), "english", "en", "영어")
+        ),
+    ),
+    Case(
+        "Translate 'see you tomorrow' into formal German.",
+        "translate_text",
+        lambda args: (
+            _says(args.get("target_language"), "german", "de", "deutsch")
+            and args.get("formality") == "formal"
+        ),
+    ),
+    # A list of strings.
+    Case(
+        "Email bob@example.com and carol@example.com with the subject 'Release update' "
+        "saying the release moves to Friday.",
+        "send_email",
+        lambda args: (
+            {"bob@example.com", "carol@example.com"} <= set(_emails(args.get("to")))
+            and _says(args.get("subject"), "release")
+        ),
+    ),
+    Case(
+        "Send an email to jane@corp.com telling her I'll be late today.",
+        "send_email",
+        lambda args: _emails(args.get("to")) == ["jane@corp.com"] and bool(args.get("body")),
+    ),
+    # No tool: small talk, general questions, and questions about what a tool handles.
+    Case("Hi there! What can you do?", None),
+    Case("What is the capital of Italy?", None),
+    Case("Write a two-line poem about the sea.", None),
+    Case("What does a thermostat do?", None),
+    Case("고마워요, 오늘은 여기까지 할게요.", None),
+    Case("ok", None),
+)
+
+
+def tool_specs(tools: str) -> list[ToolSpec]:
+    """What the server offers the model for a set: the four real tools, or the custom ones."""
+    if tools == "builtin":
+        return [t.spec for t in default_tools()]
+    made = (create_calendar_event, search_orders, set_thermostat, translate_text, send_email)
+    return [*(t.spec for t in made), READ_FILE, CREATE_ISSUE]
+
+
+SETS = {"builtin": BUILTIN_CASES, "custom": CUSTOM_CASES}
 
 
 async def run_case(model: LocalModel, case: Case, tools: list[ToolSpec]) -> tuple[bool, str]:
     """Whether the model got ``case`` right, and what it did."""
     messages = [Message("system", SYSTEM_PROMPT), Message("user", case.prompt)]
     calls: list[ToolCallRequest] = []
-    text: list[str] = []
-    async for event in model.stream(messages, tools):
-        if isinstance(event, ToolCallRequest):
-            calls.append(event)
-        elif isinstance(event, TextDelta):
-            text.append(event.text)
+    text = ""
+    try:
+        async with aclosing(model.stream(messages, tools)) as events:
+            async for event in events:
+                if isinstance(event, ToolCallRequest):
+                    calls.append(event)
+                elif isinstance(event, TextDelta):
+                    text += event.text
+                    if len(text) >= _TEXT_SHOWN:
+                        break  # the choice was made before the first token
+    except ModelError as exc:
+        return False, f"error: {exc}"
     if calls:
         call = calls[0]
         did = f"{call.name}({call.arguments})"
         right = case.tool == call.name and case.arguments(call.arguments)
     else:
-        did = "text: " + "".join(text)[:70].replace("\n", " ")
+        did = "text: " + text[:_TEXT_SHOWN].replace("\n", " ")
         right = case.tool is None
     return right, did
 
 
+async def run_set(
+    model: LocalModel, name: str, repeat: int, verbose: bool
+) -> tuple[int, int, float]:
+    """Right answers, cases and seconds for one tool set."""
+    tools = tool_specs(name)
+    right = total = 0
+    started = time.perf_counter()
+    for _ in range(repeat):
+        for case in SETS[name]:
+            ok, did = await run_case(model, case, tools)
+            right += ok
+            total += 1
+            if verbose or not ok:
+                mark = "ok  " if ok else "MISS"
+                print(f"{mark} [{name}] {case.prompt[:46]!r:48} expected {case.tool or 'text'}")
+                print(f"       got {did}")
+    return right, total, time.perf_counter() - started
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--tools", choices=("builtin", "custom", "both"), default="both", help="tool sets"
+    )
     parser.add_argument("--model", type=Path, help="a GGUF file (default: the embedded model)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of the whole set")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each set")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every case")
     options = parser.parse_args()
     if options.verbose:
         logging.basicConfig(format="    %(message)s")
         logging.getLogger("chatstream.models.local").setLevel(logging.DEBUG)
 
-    model = LocalModel(options.model, max_tokens=64)
-    tools = tool_specs()
+    # A call of the custom set takes up to about 100 tokens; text is cut short anyway.
+    model = LocalModel(options.model, max_tokens=256)
     started = time.perf_counter()
     await model.warm_up(())
     print(f"model {model.name} loaded in {time.perf_counter() - started:.2f} s")
-    right = total = 0
+    names = ["builtin", "custom"] if options.tools == "both" else [options.tools]
+    figures = []
     try:
-        for _ in range(options.repeat):
-            for case in CASES:
-                ok, did = await run_case(model, case, tools)
-                right += ok
-                total += 1
-                if options.verbose or not ok:
-                    mark = "ok  " if ok else "MISS"
-                    print(f"{mark} {case.prompt!r:48} expected {case.tool or 'text'}; got {did}")
+        for name in names:
+            right, total, seconds = await run_set(model, name, options.repeat, options.verbose)
+            count = len(tool_specs(name))
+            figures.append(
+                f"{name + ':':9} {right}/{total} right ({100 * right / total:.0f}%), "
+                f"{count} tools, {seconds:.0f} s"
+            )
     finally:
         await model.aclose()
-    print(f"tool choice right: {right}/{total} ({100 * right / total:.0f}%)")
+    print("tool choice and arguments right")
+    for line in figures:
+        print(f"  {line}")
     return 0
 
 

@@ -7,23 +7,30 @@ check, and with the real packages where it is where they are found.
 from __future__ import annotations
 
 import asyncio
+import copy
+import ctypes
 import hashlib
+import json
 import re
 import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from enum import StrEnum
 from pathlib import Path
+from typing import Any, Literal
 
+import llama_cpp
 import pytest
+from pydantic import BaseModel
 
 from chatstream import messages as m
 from chatstream.messages import Message, ToolCallRequest
 from chatstream.models import grammar, weights
-from chatstream.models.base import ModelEvent, TextDelta, Usage
+from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
 from chatstream.models.local import LocalModel, ModelBusyError, _acknowledges, chat_messages
-from chatstream.prompts import SYSTEM_PROMPT
-from chatstream.tools import default_tools
+from chatstream.prompts import SYSTEM_PROMPT, example_arguments, local_tool_guide
+from chatstream.tools import ToolContext, default_tools, tool
 
 pytestmark = pytest.mark.local_model
 
@@ -343,3 +350,250 @@ def test_the_call_grammar_names_every_tool_and_calls_round_trip() -> None:
 def test_a_call_grammar_needs_a_tool() -> None:
     with pytest.raises(ValueError, match="at least one tool"):
         grammar.call_grammar([])
+
+
+# Any tools: schemas of other shapes, MCP-style names, a guide made from the tools
+
+
+class Attendee(BaseModel):
+    email: str
+    role: Literal["required", "optional"] = "required"
+
+
+class Mode(StrEnum):
+    heat = "heat"
+    cool = "cool"
+    auto = "auto"
+    off = "off"
+
+
+@tool
+async def create_event(
+    ctx: ToolContext,
+    title: str,
+    attendees: list[Attendee],
+    visibility: Literal["public", "private"] = "private",
+    notes: str | None = None,
+) -> str:
+    """Create a calendar event and invite people to it."""
+    return ""
+
+
+@tool
+async def set_thermostat(
+    ctx: ToolContext, room: str, mode: Mode, target_celsius: float | None = None
+) -> str:
+    """Set a room's thermostat: its mode and, optionally, the temperature to keep."""
+    return ""
+
+
+READ_FILE = ToolSpec(
+    "files__read-file",
+    "Read the contents of a file on the user's disk.",
+    {
+        "type": "object",
+        "properties": {"path": {"type": "string"}, "head": {"type": "integer"}},
+        "required": ["path"],
+        "additionalProperties": False,
+    },
+)
+CUSTOM = [create_event.spec, set_thermostat.spec, READ_FILE]
+
+
+@pytest.fixture(scope="module")
+def vocabulary() -> Iterator[Any]:
+    """The model's vocabulary alone (no weights): enough to run llama.cpp's grammar engine."""
+    llm = llama_cpp.Llama(str(weights.default_model_path()), vocab_only=True, verbose=False)
+    yield llm
+    llm.close()
+
+
+def accepts(vocabulary: Any, gbnf: str, text: str) -> bool:
+    """Whether llama.cpp's own grammar sampler lets a model write ``text``, and end there."""
+    vocab = llama_cpp.llama_model_get_vocab(vocabulary.model)
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
+    assert sampler, "llama.cpp could not parse the grammar"
+    try:
+        tokens = vocabulary.tokenize(text.encode(), add_bos=False, special=False)
+        for token in [*tokens, vocabulary.token_eos()]:
+            data = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 0.0, 0.0))
+            candidates = llama_cpp.llama_token_data_array(data, 1, -1, False)
+            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(candidates))
+            if data[0].logit == float("-inf"):
+                return False  # the grammar ruled this token out
+            llama_cpp.llama_sampler_accept(sampler, token)
+        return True
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+
+
+def test_the_call_grammar_holds_nested_objects_arrays_enums_and_optional_fields(
+    vocabulary: Any,
+) -> None:
+    text = grammar.call_grammar([*CUSTOM, *TOOLS])
+    call = grammar.format_call
+
+    invited = [{"email": "ana@example.com", "role": "optional"}, {"email": "bo@example.com"}]
+    assert accepts(vocabulary, text, call("create_event", {"title": "Sync", "attendees": []}))
+    assert accepts(
+        vocabulary,
+        text,
+        call("create_event", {"title": "Sync", "attendees": invited, "visibility": "public"}),
+    )
+    assert accepts(vocabulary, text, call("set_thermostat", {"room": "hall", "mode": "off"}))
+    assert accepts(vocabulary, text, call("files__read-file", {"path": "/etc/hosts", "head": 5}))
+    assert accepts(vocabulary, text, call("get_weather", {"location": "서울"}))
+
+    assert not accepts(vocabulary, text, call("set_thermostat", {"room": "hall", "mode": "warm"}))
+    nameless = {"title": "Sync", "attendees": [{"role": "optional"}]}
+    assert not accepts(vocabulary, text, call("create_event", nameless))
+    secret = {"title": "Sync", "attendees": [], "visibility": "secret"}
+    assert not accepts(vocabulary, text, call("create_event", secret))
+    assert not accepts(vocabulary, text, call("files__read_file", {"path": "/etc/hosts"}))
+    assert not accepts(vocabulary, text, call("files__read-file", {"path": "a", "colour": 1}))
+
+
+def test_a_grammar_is_made_again_from_the_same_schema_and_leaves_it_as_it_was() -> None:
+    before = copy.deepcopy(create_event.spec.parameters)
+
+    first = grammar.call_grammar(CUSTOM)
+
+    assert grammar.call_grammar(CUSTOM) == first  # the second request's grammar failed
+    assert create_event.spec.parameters == before
+
+
+def test_tools_whose_definitions_share_a_name_keep_their_own_shapes(vocabulary: Any) -> None:
+    def address(*fields: str) -> dict[str, Any]:
+        shape = {"type": "object", "properties": {f: {"type": "string"} for f in fields}}
+        return {
+            "type": "object",
+            "properties": {"to": {"$ref": "#/$defs/Address"}},
+            "required": ["to"],
+            "$defs": {"Address": {**shape, "required": list(fields)}},
+        }
+
+    tools = [
+        ToolSpec("mail__send", "Send a letter.", address("street")),
+        ToolSpec("parcel__send", "Send a parcel.", address("zip")),
+    ]
+    text = grammar.call_grammar(tools)
+    call = grammar.format_call
+
+    assert accepts(vocabulary, text, call("mail__send", {"to": {"street": "Main St"}}))
+    assert accepts(vocabulary, text, call("parcel__send", {"to": {"zip": "04107"}}))
+    assert not accepts(vocabulary, text, call("parcel__send", {"to": {"street": "Main St"}}))
+
+
+def test_schemas_the_converter_stumbled_on_still_make_a_grammar(vocabulary: Any) -> None:
+    def one(name: str, schema: dict[str, Any]) -> ToolSpec:
+        parameters = {"type": "object", "properties": {"x": schema}, "required": ["x"]}
+        return ToolSpec(name, "", parameters)
+
+    node = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "kids": {"items": {"$ref": "#"}}},
+        "required": ["name"],
+    }
+    tools = [
+        one("quoted", {"enum": ['say "hi"', "C:\\temp", "섭씨"]}),
+        one("unanchored", {"type": "string", "pattern": "[A-Z]{3}"}),
+        one("any_items", {"type": "array", "items": {}}),
+        ToolSpec("tree", "", node),
+        one("dangling", {"$ref": "#/$defs/Missing"}),
+    ]
+    text = grammar.call_grammar(tools)
+    call = grammar.format_call
+
+    for value in ['say "hi"', "C:\\temp", "섭씨"]:
+        assert accepts(vocabulary, text, call("quoted", {"x": value}))
+    assert not accepts(vocabulary, text, call("quoted", {"x": "say hi"}))
+    assert accepts(vocabulary, text, call("unanchored", {"x": "ABC"}))
+    assert accepts(vocabulary, text, call("any_items", {"x": [1, "two", {"three": [3]}]}))
+    assert accepts(vocabulary, text, call("tree", {"name": "a", "kids": [{"name": "b"}]}))
+    assert accepts(vocabulary, text, call("dangling", {"anything": True}))  # any object
+
+
+def test_the_tool_guide_is_made_from_the_tools_offered(vocabulary: Any) -> None:
+    guide = local_tool_guide(CUSTOM)
+
+    assert "- create_event: create a calendar event and invite people to it" in guide
+    assert "- files__read-file: read the contents of a file on the user's disk" in guide
+    assert "weather" not in guide.lower()
+    calls = re.findall(r"<tool_call>\n(.*)\n</tool_call>", guide)
+    made = {c["name"]: c["arguments"] for c in map(json.loads, calls)}
+    assert set(made) == {"create_event", "set_thermostat", "files__read-file"}
+    # Each example is a call its tool takes, and one the grammar allows.
+    assert made["create_event"]["attendees"][0]["email"]
+    assert made["set_thermostat"]["mode"] in {"heat", "cool", "auto", "off"}
+    create_event.validate(made["create_event"])
+    set_thermostat.validate(made["set_thermostat"])
+    text = grammar.call_grammar(CUSTOM)
+    for name, arguments in made.items():
+        assert accepts(vocabulary, text, grammar.format_call(name, arguments))
+
+
+def test_the_built_in_tools_keep_their_written_examples_and_the_prompt_names_no_tool() -> None:
+    guide = local_tool_guide(TOOLS)
+
+    assert "User: Is it snowing in Berlin?" in guide
+    assert "- get_weather: live weather" in guide
+    assert "weather" not in SYSTEM_PROMPT.lower()
+
+
+def test_example_arguments_fill_what_the_schema_requires() -> None:
+    schema = create_event.spec.parameters
+
+    example = example_arguments(schema)
+
+    assert isinstance(example, dict)
+    assert set(example) == {"title", "attendees"}  # the optional fields are left out
+    assert example["attendees"] == [{"email": "alex@example.com"}]
+    assert example_arguments({"type": "array", "items": {"enum": ["b", "c"]}, "minItems": 2}) == [
+        "b",
+        "b",
+    ]
+
+
+@pytest.fixture
+def roomy(model: LocalModel) -> Iterator[LocalModel]:
+    """The module's model with room for a longer call."""
+    model.max_tokens = 128
+    yield model
+    model.max_tokens = 48
+
+
+@pytest.mark.parametrize(
+    ("question", "mode"),
+    [("Heat the living room to 22 degrees.", "heat"), ("Turn the bedroom thermostat off.", "off")],
+)
+async def test_a_tool_with_an_enum_behind_a_ref_is_called_with_a_member(
+    roomy: LocalModel, question: str, mode: str
+) -> None:
+    events = await collect(roomy.stream(conversation(m.user(question)), CUSTOM))
+
+    calls = [e for e in events if isinstance(e, ToolCallRequest)]
+    assert [c.name for c in calls] == ["set_thermostat"]
+    assert calls[0].arguments["mode"] == mode
+    set_thermostat.validate(calls[0].arguments)
+
+
+async def test_an_mcp_style_tool_name_is_called(roomy: LocalModel) -> None:
+    question = m.user("Read the file /etc/hosts for me.")
+
+    events = await collect(roomy.stream(conversation(question), CUSTOM))
+
+    calls = [e for e in events if isinstance(e, ToolCallRequest)]
+    assert [(c.name, c.arguments["path"]) for c in calls] == [("files__read-file", "/etc/hosts")]
+
+
+async def test_warm_up_reads_the_system_prompt_in_use(model: LocalModel) -> None:
+    pirate = "You are Ahoy, a pirate. Answer like one."
+
+    await model.warm_up(TOOLS, system_prompt=pirate)
+
+    llm = model._llm
+    assert llm is not None
+    cached = llm.detokenize(llm.input_ids[: llm.n_tokens].tolist()).decode()
+    assert pirate in cached
+    assert SYSTEM_PROMPT not in cached
+    await model.warm_up(TOOLS)  # as the tests above had it

@@ -4,7 +4,8 @@
 ``LocalModel(path)`` runs any GGUF with a chat template. The weights load lazily, on the
 first request, in the worker thread (0.3-1 s once the file is assembled; assembling it
 from the packages on the very first run adds a couple of seconds); ``await
-model.warm_up(tools)`` pays for it at startup instead, as the server does.
+model.warm_up(tools, system_prompt=...)`` pays for it at startup instead, as the server
+does.
 
 How it works, and where it departs from a hosted provider:
 
@@ -141,13 +142,16 @@ class LocalModel:
         self._shapes: npt.NDArray[np.int8] | None = None
         self._running: set[threading.Event] = set()
 
-    async def warm_up(self, tools: Sequence[ToolSpec] = ()) -> None:
+    async def warm_up(
+        self, tools: Sequence[ToolSpec] = (), *, system_prompt: str = SYSTEM_PROMPT
+    ) -> None:
         """Load the weights now rather than on the first request.
 
-        With ``tools``, also evaluate the system prompt that a conversation offering them
-        starts with, which every request then finds cached (about 5 s on two cores).
+        With ``tools``, also evaluate the prompt that a conversation offering them starts
+        with (``system_prompt``, the one the server gives every conversation, and the tool
+        guide), which every request then finds cached (about 5 s on two cores).
         """
-        job = functools.partial(self._warm_up, list(tools))
+        job = functools.partial(self._warm_up, list(tools), system_prompt)
         async with self._turns.turn(), aclosing(self._bridge(job)) as events:
             async for _ in events:
                 pass
@@ -217,11 +221,13 @@ class LocalModel:
                 while await queue.get() is not None:
                     pass
 
-    def _warm_up(self, tools: list[ToolSpec], stop: threading.Event) -> Iterator[ModelEvent]:
+    def _warm_up(
+        self, tools: list[ToolSpec], system_prompt: str, stop: threading.Event
+    ) -> Iterator[ModelEvent]:
         llm = self._loaded()
         if tools:
             assert self._formatter is not None
-            opening = [Message("system", SYSTEM_PROMPT), Message("user", "")]
+            opening = [Message("system", system_prompt), Message("user", "")]
             _prefill(llm, _prompt_tokens(llm, self._formatter, opening, tools, self.n_ctx), stop)
         return iter(())
 
@@ -241,12 +247,7 @@ class LocalModel:
         if not path.is_file():
             raise ModelError(f"model file {path} does not exist")
         try:
-            llm = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=self.n_ctx,
-                n_threads=self.n_threads,
-                verbose=False,
-            )
+            llm = _llama(path, n_ctx=self.n_ctx, n_threads=self.n_threads)
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"llama.cpp cannot load model file {path}: {exc}") from exc
         self._formatter = _formatter(llm)
@@ -375,6 +376,37 @@ class LocalModel:
         return compiled
 
 
+# Held while llama.cpp's default model parameters are swapped out (see ``_llama``).
+_LOAD_LOCK = threading.Lock()
+
+
+def _llama(path: Path, *, n_ctx: int, n_threads: int | None) -> llama_cpp.Llama:
+    """llama.cpp's model for ``path``, without the AMX weight buffers on a CPU that has AMX.
+
+    With them (llama.cpp's default where the CPU has AMX, as Sapphire Rapids and later
+    do), the first decode of this model crashed the process with SIGSEGV. ``Llama`` takes
+    no option for it, so its defaults are swapped for the load; other CPUs keep theirs
+    (their repacked weights are faster).
+    """
+    options: dict[str, Any] = {"n_ctx": n_ctx, "n_threads": n_threads, "verbose": False}
+    if b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info():
+        return llama_cpp.Llama(model_path=str(path), **options)
+    low_level = llama_cpp.llama_cpp
+    defaults = low_level.llama_model_default_params
+
+    def without_extra_buffers() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    with _LOAD_LOCK:
+        low_level.llama_model_default_params = without_extra_buffers
+        try:
+            return llama_cpp.Llama(model_path=str(path), **options)
+        finally:
+            low_level.llama_model_default_params = defaults
+
+
 def _ends(llm: llama_cpp.Llama, token: int) -> bool:
     """Whether ``token`` ends a generation (end of text, end of turn)."""
     return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token))
@@ -465,7 +497,7 @@ def render(
         ]
     if not tools:
         return _apply(formatter, chat, None)
-    guide = local_tool_guide(t.name for t in tools)
+    guide = local_tool_guide(tools)
     chat[0] = {**chat[0], "content": chat[0]["content"] + "\n" + guide}
     specs = [
         {
