@@ -21,7 +21,7 @@ class TwoRounds:
     def __init__(self, *calls: ToolCallRequest) -> None:
         self.calls = calls
 
-    async def warm_up(self, tools: Sequence[ToolSpec]) -> None:
+    async def warm_up(self, tools: Sequence[ToolSpec], *, system_prompt: str = "") -> None:
         """Nothing to load."""
 
     async def aclose(self) -> None:

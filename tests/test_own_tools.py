@@ -155,7 +155,7 @@ class Recording:
 
     name = "recording"
 
-    async def warm_up(self, tools: Sequence[ToolSpec]) -> None:
+    async def warm_up(self, tools: Sequence[ToolSpec], *, system_prompt: str = "") -> None:
         """Nothing to load."""
 
     async def aclose(self) -> None:

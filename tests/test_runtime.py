@@ -14,6 +14,7 @@ from chatstream.config import Settings
 from chatstream.errors import ModelError
 from chatstream.messages import Message
 from chatstream.models import ModelEvent, TextDelta, ToolSpec
+from chatstream.prompts import SYSTEM_PROMPT
 from chatstream.server.runtime import build_runtime
 from chatstream.store.base import SessionRef
 from chatstream.store.redis import RedisStore
@@ -28,10 +29,12 @@ class WarmingModel:
     def __init__(self, *, fail: bool = False) -> None:
         self.fail = fail
         self.warmed: list[list[str]] = []
+        self.prompts: list[str] = []
         self.closed = 0
 
-    async def warm_up(self, tools: Sequence[ToolSpec]) -> None:
+    async def warm_up(self, tools: Sequence[ToolSpec], *, system_prompt: str = "") -> None:
         self.warmed.append([tool.name for tool in tools])
+        self.prompts.append(system_prompt)
         if self.fail:
             raise ModelError("the weights are missing")
 
@@ -95,9 +98,13 @@ async def test_the_model_is_warmed_up_once_with_the_tools_before_serving(
     async with build_runtime(settings, model=model) as runtime:
         assert runtime.model is model
         assert model.warmed == [[spec.name for spec in default_tools().specs()]]
+        assert model.prompts == [SYSTEM_PROMPT]
         assert model.closed == 0
     assert len(model.warmed) == 1
     assert model.closed == 1
+    # The prompt the server's conversations start with is the one read ahead.
+    async with build_runtime(settings, model=model, system_prompt="You are a pirate."):
+        assert model.prompts[-1] == "You are a pirate."
     assert any(r.getMessage().startswith("model warming ready in ") for r in caplog.records), (
         "the warm-up's time is logged"
     )

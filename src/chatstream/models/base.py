@@ -52,8 +52,9 @@ class Model(Protocol):
         self, messages: Sequence[Message], tools: Sequence[ToolSpec]
     ) -> AsyncGenerator[ModelEvent, None]: ...
 
-    async def warm_up(self, tools: Sequence[ToolSpec]) -> None:
-        """Pay at start-up what the first request would (weights, the prompt ``tools`` open).
+    async def warm_up(self, tools: Sequence[ToolSpec], *, system_prompt: str) -> None:
+        """Pay at start-up what the first request would: the weights, and the prompt that
+        ``system_prompt`` and ``tools`` open every conversation with.
 
         Called once, before the server takes requests; a hosted model has nothing to do.
         """

@@ -383,7 +383,7 @@ class HTTPModel:
         body = self.request_body(messages, tools)
         return stream_events(self._client, body, self.reader(), self.name)
 
-    async def warm_up(self, tools: Sequence[ToolSpec]) -> None:
+    async def warm_up(self, tools: Sequence[ToolSpec], *, system_prompt: str = "") -> None:
         """Nothing to do: the model runs at the provider; the first request connects."""
 
     async def aclose(self) -> None:

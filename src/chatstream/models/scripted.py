@@ -67,7 +67,7 @@ class ScriptedModel:
         self.name = "scripted"
         self.delay_s = delay_s
 
-    async def warm_up(self, tools: Sequence[ToolSpec]) -> None:
+    async def warm_up(self, tools: Sequence[ToolSpec], *, system_prompt: str = "") -> None:
         """Nothing to load."""
 
     async def aclose(self) -> None:

@@ -148,7 +148,7 @@ async def build_runtime(
         # The embedded model loads its weights and reads the system prompt once here, so
         # the first user does not wait for it (a few seconds on two cores).
         started = time.monotonic()
-        await model.warm_up(registry.specs())
+        await model.warm_up(registry.specs(), system_prompt=agent.system_prompt)
         log.info("model %s ready in %.1f s", model.name, time.monotonic() - started)
         yield runtime
 
