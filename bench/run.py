@@ -6,7 +6,9 @@ One command, one workload, one table. Every server is its own process on 127.0.0
 - ``naive``: ``bench/naive_relay.py`` (FastAPI ``StreamingResponse`` over ``AsyncOpenAI``),
   without a store, and ``naive+sqlite`` with SQLite sessions;
 - ``chatstream``: ``chatstream serve --model openai:bench`` with an in-memory SQLite
-  store, and ``chatstream+sqlite`` with a SQLite file.
+  store, and ``chatstream+sqlite`` with a SQLite file;
+- ``chatstream+store``: with the store ``--store URL`` names (``postgresql://…``,
+  ``redis://…``), and runs shared where ``--runs URL`` says: measured only when given.
 
 Scenarios: one stream of 20,000 tokens sent without delay (tokens/s and server CPU per
 token, the median of ``--repeat`` runs), then C concurrent streams of 100 tokens 20 ms
@@ -18,7 +20,9 @@ share its cores with the server being measured.
 
 Run: ``.venv/bin/python bench/run.py`` (a few minutes), ``--quick`` for a tiny workload
 (seconds; what CI runs), ``--json PATH`` to keep the figures, ``--profile DIR`` to sample
-each relay with py-spy. Set ``PYTHONPATH`` to measure another copy of chatstream.
+each relay with py-spy, ``--store postgresql://…`` (and ``--runs redis://…``) to measure
+that store beside SQLite's: the report then says what it costs per turn more than each.
+Set ``PYTHONPATH`` to measure another copy of chatstream.
 """
 
 from __future__ import annotations
@@ -58,13 +62,33 @@ from bench.load import (  # noqa: E402
 BENCH = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
 TARGETS = ("upstream", "naive", "naive+sqlite", "chatstream", "chatstream+sqlite")
+# chatstream with the store --store names (and runs where --runs says), when given.
+STORE_TARGET = "chatstream+store"
 LABELS = {
     "upstream": "upstream direct (floor)",
     "naive": "naive relay",
     "naive+sqlite": "naive relay, SQLite",
     "chatstream": "chatstream, SQLite :memory:",
     "chatstream+sqlite": "chatstream, SQLite file",
+    STORE_TARGET: "chatstream, --store",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """The store (and where runs are shared) of the ``chatstream+store`` target."""
+
+    store: str
+    runs: str = ""
+
+    @property
+    def label(self) -> str:
+        kind = {"postgresql": "PostgreSQL", "postgres": "PostgreSQL", "redis": "Redis"}.get(
+            self.store.partition(":")[0], self.store.partition(":")[0]
+        )
+        return f"chatstream, {kind}" + (", runs in Redis" if self.runs else "")
+
+
 NAN = math.nan
 
 
@@ -182,8 +206,11 @@ def start_upstream(tmp: Path) -> Iterator[Server]:
 
 
 @contextmanager
-def start_relay(target: str, upstream_port: int, tmp: Path, index: int) -> Iterator[Server]:
-    """A relay on a free port, with a fresh store."""
+def start_relay(
+    target: str, upstream_port: int, tmp: Path, index: int, backend: Backend | None = None
+) -> Iterator[Server]:
+    """A relay on a free port, with a fresh store (``backend``'s, a shared one, for
+    ``chatstream+store``)."""
     port = free_port()
     env = {"OPENAI_BASE_URL": f"http://{HOST}:{upstream_port}/v1", "OPENAI_API_KEY": "bench"}
     db = tmp / f"{target}-{index}.db"
@@ -194,6 +221,11 @@ def start_relay(target: str, upstream_port: int, tmp: Path, index: int) -> Itera
         health = f"http://{HOST}:{port}/health"
     else:
         store = f"sqlite:///{db}" if target.endswith("+sqlite") else "sqlite::memory:"
+        if target == STORE_TARGET:
+            assert backend is not None, "chatstream+store needs --store"
+            store = backend.store
+            if backend.runs:
+                env["CHATSTREAM_RUNS"] = backend.runs
         # The bench is one caller opening thousands of streams: lift the per-caller limits.
         env.update(
             CHATSTREAM_MAX_STREAMS_PER_KEY="0",
@@ -303,6 +335,7 @@ async def bench(
     *,
     fresh: bool,
     profile: Path | None = None,
+    backend: Backend | None = None,
 ) -> list[Row]:
     """Every scenario against every target; ``fresh``: a new relay process per scenario."""
     rows: list[Row] = []
@@ -313,14 +346,18 @@ async def bench(
             # One process per target for all scenarios (--quick): cheaper, less isolated.
             for target in targets:
                 if target != "upstream":
-                    shared[target] = stack.enter_context(start_relay(target, up.port, tmp, 0))
+                    shared[target] = stack.enter_context(
+                        start_relay(target, up.port, tmp, 0, backend)
+                    )
                 await warm_up(shared[target])
         for number, scenario in enumerate(scenarios):
             for target in targets:
                 with ExitStack() as scope:
                     server = shared.get(target)
                     if server is None:
-                        server = scope.enter_context(start_relay(target, up.port, tmp, number))
+                        server = scope.enter_context(
+                            start_relay(target, up.port, tmp, number, backend)
+                        )
                         await warm_up(server)
                     name = f"{target}-{scenario.name}".replace("=", "").replace(",", "")
                     scope.enter_context(sampled(server.pid, profile, name.replace(" ", "-")))
@@ -384,7 +421,9 @@ def ratios(rows: list[Row], scenarios: list[Scenario]) -> list[str]:
                 share = cs.tokens_per_s / floor.tokens_per_s * 100
                 line += f"; chatstream delivers {_f(share, 0)}% of the floor's tokens/s"
             out.append(line)
-        for store, base in (("chatstream+sqlite", "chatstream"), ("naive+sqlite", "naive")):
+        pairs = [("chatstream+sqlite", "chatstream"), ("naive+sqlite", "naive")]
+        pairs += [(STORE_TARGET, "chatstream"), (STORE_TARGET, "chatstream+sqlite")]
+        for store, base in pairs:
             with_store, without = by.get((name, store)), by.get((name, base))
             # Per turn only means something over many turns, all of them delivered.
             if (
@@ -481,9 +520,22 @@ def main() -> None:
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--profile", type=Path, help="sample each relay with py-spy into DIR")
+    parser.add_argument(
+        "--store",
+        help="also measure chatstream with this store (postgresql://…, redis://…), beside "
+        "SQLite's: the chatstream+store target",
+    )
+    parser.add_argument("--runs", default="", help="with --store: where runs are shared")
     args = parser.parse_args()
     chosen = [t for t in args.targets.split(",") if t]
-    if unknown := set(chosen) - set(TARGETS):
+    backend = Backend(args.store, args.runs) if args.store else None
+    if backend is not None:
+        LABELS[STORE_TARGET] = backend.label
+        if STORE_TARGET not in chosen:
+            chosen.append(STORE_TARGET)
+    elif STORE_TARGET in chosen:
+        parser.error("the chatstream+store target needs --store URL")
+    if unknown := set(chosen) - {*TARGETS, STORE_TARGET}:
         parser.error(f"unknown targets {sorted(unknown)}; choose from {', '.join(TARGETS)}")
     scenarios = scenarios_for(args)
     limit = raise_nofile_limit()  # the servers, started after this, inherit it
@@ -494,7 +546,9 @@ def main() -> None:
     print(f"machine: {machine()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="chatstream-bench-") as tmp:
         fresh = not args.quick
-        rows = run(bench(scenarios, chosen, Path(tmp), fresh=fresh, profile=args.profile))
+        rows = run(
+            bench(scenarios, chosen, Path(tmp), fresh=fresh, profile=args.profile, backend=backend)
+        )
     print()
     print(table(rows))
     print()

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from chatstream.config import Settings
+from tests.support.postgres import PostgresServer, postgres_server
 from tests.support.redis import RedisServer, redis_server
 from tests.support.server import LiveServer, live_server
 
@@ -68,3 +69,17 @@ def redis_url(redis_instance: RedisServer) -> str:
     """A Redis database emptied for this test."""
     redis_instance.flush()
     return redis_instance.url
+
+
+@pytest.fixture(scope="session")
+def postgres_instance() -> Iterator[PostgresServer]:
+    """One PostgreSQL for the whole run (POSTGRES_URL, or a server the suite starts)."""
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_instance: PostgresServer) -> str:
+    """A PostgreSQL database without chatstream's tables, for this test."""
+    postgres_instance.flush()
+    return postgres_instance.url

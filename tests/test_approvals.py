@@ -240,19 +240,28 @@ async def test_one_answer_per_call_and_only_the_owners(
         assert ran(ran_log) == []
 
 
-async def test_a_waiting_run_outlives_its_reader_and_resumes_with_the_request(
-    settings: Settings, upstream: FakeOpenAI, ran_log: Path
-) -> None:
+@asynccontextmanager
+async def away_while_asked(
+    settings: Settings, upstream: FakeOpenAI, session_id: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, Frame]]:
+    """A server with a short grace period whose reader left once it was asked to approve,
+    and stayed away for well past the grace period: a client, and the request it saw."""
     upstream.enqueue(email_call(), Completion(text=["Sent."]))
     async with (
         serve(settings, resume_grace_s=0.2) as live,
         httpx.AsyncClient(base_url=live.url, timeout=30) as http,
     ):
-        async with reading(http, message="mail Kim", sessionId="s-away") as events:
+        async with reading(http, message="mail Kim", sessionId=session_id) as events:
             asked = await events.until("approval_required")
-        run_id = run_of(asked)
-        # The tab is closed for well past the grace period: the run still waits.
         await asyncio.sleep(1.0)
+        yield http, asked
+
+
+async def test_a_waiting_run_outlives_its_reader_and_resumes_with_the_request(
+    settings: Settings, upstream: FakeOpenAI, ran_log: Path
+) -> None:
+    async with away_while_asked(settings, upstream, "s-away") as (http, asked):
+        run_id = run_of(asked)
         state = (await http.get(f"/api/chat/runs/{run_id}")).json()
         assert state["state"] == "waiting"
         # Coming back replays the request like any other event, then follows the run.
@@ -268,14 +277,8 @@ async def test_a_waiting_run_outlives_its_reader_and_resumes_with_the_request(
 async def test_an_answer_with_nobody_listening_still_finishes_the_turn(
     settings: Settings, upstream: FakeOpenAI, ran_log: Path
 ) -> None:
-    upstream.enqueue(email_call(), Completion(text=["Sent."]))
-    async with (
-        serve(settings, resume_grace_s=0.2) as live,
-        httpx.AsyncClient(base_url=live.url, timeout=30) as http,
-    ):
-        async with reading(http, message="mail Kim", sessionId="s-curl") as events:
-            run_id = run_of(await events.until("approval_required"))
-        await asyncio.sleep(0.5)
+    async with away_while_asked(settings, upstream, "s-curl") as (http, asked):
+        run_id = run_of(asked)
         await http.post(f"/api/chat/runs/{run_id}/approvals/call_mail", json={"approved": True})
         for _ in range(100):
             if (await http.get(f"/api/chat/runs/{run_id}")).json()["state"] == "done":

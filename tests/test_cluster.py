@@ -148,15 +148,18 @@ async def test_kill_9_of_a_gives_run_lost_on_b(redis_url: str) -> None:
             assert result.types[-1] == "error"
             assert result.data[-1]["code"] == "RUN_LOST"
             assert [seq(f.id) for f in result.frames] == list(range(6, 6 + len(result.frames)))
-            # The session is consistent: the lost turn was never written, and B takes new turns.
-            assert (await http.get(f"{b.url}/api/chat/sessions/lost-x")).status_code == 404
+            # The session holds the lost turn as far as it was delivered (B stored it when it
+            # declared the run lost), and B takes new turns.
+            session = (await http.get(f"{b.url}/api/chat/sessions/lost-x")).json()
+            assert [m["role"] for m in session["messages"]] == ["user", "assistant"]
+            assert session["messages"][-1]["interrupted"] is True
             after = await stream(
                 http,
                 "GET",
                 f"{b.url}/api/chat/stream",
                 params={"message": "hi", "sessionId": "lost-x"},
             )
-            assert after.data[-1]["historyLength"] == 2
+            assert after.data[-1]["historyLength"] == 4
 
 
 async def test_redis_down_is_reported_refused_and_recovered(

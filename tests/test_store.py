@@ -1,25 +1,29 @@
-"""One test suite for every session store: SQLite and Redis behave the same."""
+"""One test suite for every session store: SQLite, Redis and PostgreSQL behave the same."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from chatstream import messages as m
+from chatstream.errors import StoreError
 from chatstream.messages import ToolCallRequest
-from chatstream.store import SessionStore, open_store
+from chatstream.store import Fenced, SessionStore, open_store
 from chatstream.store.base import SessionRef
+from chatstream.store.postgres import SCHEMA_VERSION
+from tests.support.postgres import PostgresServer
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgresql"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SessionStore]:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'sessions.db'}"
     else:
-        url = request.getfixturevalue("redis_url")
+        url = request.getfixturevalue(f"{request.param.removesuffix('ql')}_url")
     opened = await open_store(url)
     try:
         yield opened
@@ -130,3 +134,102 @@ async def test_concurrent_turns_in_one_session_are_all_stored(
         assert loaded is not None
         assert loaded.history_length == 12
         assert len(loaded.messages) == 24
+
+
+async def test_a_write_with_an_older_fence_is_refused_and_changes_nothing(
+    store: SessionStore,
+) -> None:
+    ref = SessionRef("", "fenced")
+    await store.append(ref, [m.user("first"), m.assistant("one")], fence=10)
+    with pytest.raises(Fenced) as refused:
+        await store.append(ref, [m.user("stale"), m.assistant("two")], fence=9)
+    assert refused.value.code == "RUN_LOST"
+    loaded = await store.load(ref)
+    assert loaded is not None
+    assert [x.content for x in loaded.messages] == ["first", "one"]
+    newer = await store.append(ref, [m.user("third"), m.assistant("three")], fence=11)
+    assert newer.history_length == 4
+
+
+async def test_a_fencing_token_writes_a_session_once(store: SessionStore) -> None:
+    # The owner of a turn and whoever stores it for a dead owner name the same token:
+    # whichever comes second is refused, so the turn is stored once.
+    ref = SessionRef("", "once")
+    await store.append(ref, [m.user("q"), m.assistant("the whole answer")], fence=1_000)
+    with pytest.raises(Fenced):
+        await store.append(ref, [m.user("q"), m.assistant("the wh", interrupted=True)], fence=1_000)
+    loaded = await store.load(ref)
+    assert loaded is not None and loaded.history_length == 2
+
+
+async def test_a_write_without_a_fence_is_never_refused(store: SessionStore) -> None:
+    ref = SessionRef("kA", "free")
+    await store.append(ref, [m.user("a"), m.assistant("b")], fence=5)
+    await store.append(ref, [m.user("c"), m.assistant("d")])
+    # An unfenced write leaves the token as it was: an older one is still refused.
+    with pytest.raises(Fenced):
+        await store.append(ref, [m.user("e"), m.assistant("f")], fence=4)
+    loaded = await store.load(ref)
+    assert loaded is not None and loaded.history_length == 4
+
+
+async def test_parked_runs_are_kept_and_forgotten(store: SessionStore) -> None:
+    record = {"session": "s1", "pending": [{"id": "c1"}], "runIds": ["run_a"]}
+    await store.park("run_a", record)
+    assert await store.parked("run_a") == record
+    await store.park("run_a", None)
+    assert await store.parked("run_a") is None
+
+
+async def test_postgresql_schema_is_made_once_and_a_newer_one_stops_start_up(
+    postgres_url: str, postgres_instance: PostgresServer
+) -> None:
+    # Instances starting together: one makes the schema, the others find it made.
+    stores = await asyncio.gather(*(open_store(postgres_url) for _ in range(3)))
+    try:
+        await stores[0].append(SessionRef("", "made"), [m.user("hi"), m.assistant("hello")])
+        loaded = await stores[2].load(SessionRef("", "made"))
+        assert loaded is not None and loaded.history_length == 2
+    finally:
+        for opened in stores:
+            await opened.close()
+    versions = postgres_instance.query("SELECT version FROM chatstream_schema")
+    assert [r["version"] for r in versions] == [SCHEMA_VERSION]
+    # A database that a newer chatstream migrated is not written by this one.
+    postgres_instance.query("UPDATE chatstream_schema SET version = $1", SCHEMA_VERSION + 1)
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}"):
+        await open_store(postgres_url)
+
+
+async def test_a_sqlite_file_of_an_older_schema_is_migrated_with_its_sessions(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    with old:
+        old.execute(
+            "CREATE TABLE sessions (id TEXT PRIMARY KEY, created_at REAL NOT NULL, "
+            "last_activity REAL NOT NULL, title TEXT NOT NULL DEFAULT '', "
+            "message_count INTEGER NOT NULL DEFAULT 0)"
+        )
+        old.execute(
+            "CREATE TABLE messages (session_id TEXT NOT NULL REFERENCES sessions(id) "
+            "ON DELETE CASCADE, position INTEGER NOT NULL, body BLOB NOT NULL, "
+            "PRIMARY KEY (session_id, position)) WITHOUT ROWID"
+        )
+        old.execute("INSERT INTO sessions VALUES ('kept', 1.0, 1.0, 'hi', 1)")
+        old.execute("""INSERT INTO messages VALUES ('kept', 0, '{"role":"user","content":"hi"}')""")
+        old.execute("PRAGMA user_version=2")
+    old.close()
+    store = await open_store(f"sqlite:///{path}")
+    try:
+        loaded = await store.load(SessionRef("", "kept"))
+        assert loaded is not None and [x.content for x in loaded.messages] == ["hi"]
+        await store.append(SessionRef("", "kept"), [m.assistant("hello")], fence=2)
+        with pytest.raises(Fenced):
+            await store.append(SessionRef("", "kept"), [m.assistant("again")], fence=1)
+    finally:
+        await store.close()
+    reopened = sqlite3.connect(path)
+    assert reopened.execute("PRAGMA user_version").fetchone()[0] == 3
+    reopened.close()

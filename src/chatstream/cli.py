@@ -99,8 +99,22 @@ def serve(
     ] = "local",
     store: Annotated[
         str,
-        typer.Option(envvar="CHATSTREAM_STORE", help="sqlite:///<path> (default chatstream.db)"),
+        typer.Option(
+            envvar="CHATSTREAM_STORE",
+            help="Where sessions live: sqlite:///<path> (default chatstream.db), "
+            "redis://host:port/db, or postgresql://user:password@host:port/database",
+        ),
     ] = "sqlite:///chatstream.db",
+    runs: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CHATSTREAM_RUNS",
+            help="Where runs, session locks, approvals and the stop button are shared "
+            "between instances: redis://host:port/db (default: in this process, or the "
+            "store's own Redis with a redis:// store). Several instances: --store "
+            "postgresql://… --runs redis://…",
+        ),
+    ] = None,
     tools: Annotated[
         str,
         typer.Option(
@@ -141,6 +155,7 @@ def serve(
     """Run the HTTP server. Every other setting reads a CHATSTREAM_* variable (see the README)."""
     from chatstream.server.app import create_app
     from chatstream.server.protocol import uvicorn_config
+    from chatstream.server.runtime import runs_location
 
     if log_format not in ("text", "json"):
         raise typer.BadParameter("use text or json", param_hint="--log-format")
@@ -151,11 +166,13 @@ def serve(
             port=port,
             model=model,
             store=store,
+            runs=runs,
             tools=tuple(tools.split(",")),
             mcp_config=mcp,
             system_prompt=system_prompt,
         )
         _check_agent(settings)
+        runs_location(settings)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     application = create_app(settings)

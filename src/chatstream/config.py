@@ -103,6 +103,9 @@ class Settings:
     port: int = 3002
     model: str = "local"
     store: str = "sqlite:///chatstream.db"
+    # Where runs, locks, approvals and the stop button are shared between instances:
+    # ``redis://…``. Empty: in this process, or with a Redis store, that same Redis.
+    runs: str = ""
     # The agent: which tools (``builtin`` and ``module:attribute`` references), MCP servers
     # (a JSON file) and system prompt (text, or ``@path`` of a file; empty: the default).
     tools: tuple[str, ...] = ("builtin",)
@@ -145,7 +148,7 @@ class Settings:
         return replace(self, **top)
 
 
-_TOP_LEVEL = ("host", "port", "model", "store", "tools", "mcp_config", "system_prompt")
+_TOP_LEVEL = ("host", "port", "model", "store", "runs", "tools", "mcp_config", "system_prompt")
 
 
 def _owners() -> dict[str, str]:

@@ -7,6 +7,12 @@ message (a stop request, an approval's answer) to whichever instance runs it, wh
 it through ``listen``. A run that waits for approvals ``ask``s them here, so that any
 instance can ``answer`` one exactly once (the first answer, or the clock's expiry, wins).
 
+Each claim takes a fencing token, larger than any the session's claims took before
+(``fence``): the run's write to its session names it, and the store refuses a write whose
+token is not newer than the last one it took (``store.base``). A run ``keep``s its claim
+with its ``Opening``: what the turn stores before what it streams, for whoever stores the
+turn if its instance dies (``chatstream.cluster``).
+
 ``MemoryCoordinator`` does this within one process; the Redis one (``chatstream.cluster``)
 across every instance that shares a Redis.
 """
@@ -15,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from chatstream import messages as m
 from chatstream.approvals import Answer, Pending, Taken
 from chatstream.store.base import SessionRef
 
@@ -42,6 +50,30 @@ class RunStatus:
     pending: tuple[Pending, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Opening:
+    """How a turn begins: the messages it stores before what it streams (a parked turn's
+    closing and the user's message), and whether its first tool round continues a parked
+    turn's (whose call is stored already). Enough, with the run's events, to store it."""
+
+    messages: tuple[m.Message, ...] = ()
+    continues: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"messages": [msg.to_dict() for msg in self.messages], "continues": self.continues}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Opening:
+        messages = tuple(m.Message.from_dict(msg) for msg in data.get("messages", ()))
+        return cls(messages, bool(data.get("continues", False)))
+
+
+def next_fence(last: int) -> int:
+    """A token after ``last``, and at least the clock in microseconds: a counter that was
+    lost (a restart of whatever kept it) starts again above every token it gave."""
+    return max(last + 1, time.time_ns() // 1000)
+
+
 class Message(enum.StrEnum):
     """What one instance may ask of the instance that runs a turn."""
 
@@ -56,11 +88,24 @@ class Coordinator(Protocol):
     """Sessions' claims, runs' states and messages to runs, wherever they run."""
 
     async def claim(self, run_id: str, session: SessionRef) -> str | None:
-        """Make the session busy with ``run_id``; the holding run's id when it is busy."""
+        """Make the session busy with ``run_id``, with a new fencing token; the holding
+        run's id when it is busy."""
         ...
 
-    def keep(self, run_id: str, session: SessionRef, on_lost: Callable[[], None]) -> None:
-        """Hold the claim while the run lives; ``on_lost`` when another run took the session."""
+    def fence(self, run_id: str) -> int | None:
+        """The token this process's claim for ``run_id`` took, until it is released."""
+        ...
+
+    def keep(
+        self,
+        run_id: str,
+        session: SessionRef,
+        on_lost: Callable[[], None],
+        *,
+        opening: Opening | None = None,
+    ) -> None:
+        """Hold the claim while the run lives; ``on_lost`` when another run took the session.
+        ``opening`` is kept with the run, for whoever stores it if this instance dies."""
         ...
 
     async def release(self, status: RunStatus) -> None:
@@ -107,6 +152,8 @@ class MemoryCoordinator:
     def __init__(self, *, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self._holders: dict[str, str] = {}
+        self._fences: dict[str, int] = {}
+        self._last_fence = 0
         self._runs: dict[str, RunStatus] = {}
         self._handler: Handler | None = None
         self._expiry: dict[str, asyncio.TimerHandle] = {}
@@ -117,13 +164,27 @@ class MemoryCoordinator:
         holder = self._holders.setdefault(session.key, run_id)
         if holder != run_id:
             return holder
+        if run_id not in self._fences:
+            self._last_fence = self._fences[run_id] = next_fence(self._last_fence)
         self._runs[run_id] = RunStatus(run_id, session, RunState.RUNNING)
         return None
 
-    def keep(self, run_id: str, session: SessionRef, on_lost: Callable[[], None]) -> None:
-        """Nothing to renew: a claim in this process lasts until it is released."""
+    def fence(self, run_id: str) -> int | None:
+        return self._fences.get(run_id)
+
+    def keep(
+        self,
+        run_id: str,
+        session: SessionRef,
+        on_lost: Callable[[], None],
+        *,
+        opening: Opening | None = None,
+    ) -> None:
+        """Nothing to renew: a claim in this process lasts until it is released, and dies
+        with the process, with nobody to store the turn for it."""
 
     async def release(self, status: RunStatus) -> None:
+        self._fences.pop(status.run_id, None)
         if self._holders.get(status.session.key) == status.run_id:
             del self._holders[status.session.key]
         self._runs[status.run_id] = status

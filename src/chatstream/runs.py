@@ -33,6 +33,7 @@ from chatstream.coordinator import (
     Coordinator,
     MemoryCoordinator,
     Message,
+    Opening,
     RunState,
     RunStatus,
 )
@@ -50,7 +51,7 @@ from chatstream.errors import (
 from chatstream.events import Done, Error, Token, ToolResult
 from chatstream.metrics import Metrics
 from chatstream.runlog import Entry, Log, MemoryRunLog, Reader, RunLog
-from chatstream.store.base import Session, SessionRef, SessionStore
+from chatstream.store.base import Fenced, Session, SessionRef, SessionStore
 
 log = logging.getLogger("chatstream.runs")
 T = TypeVar("T")
@@ -75,6 +76,12 @@ PARKED = StopReason(
     ErrorCode.SHUTTING_DOWN,
     "The server is restarting. The tool call waiting for approval is kept: answer it after "
     "the restart and the turn goes on.",
+)
+# The store refused the turn's write: a newer turn's claim wrote the session meanwhile.
+FENCED_OUT = Error(
+    ErrorCode.RUN_LOST,
+    "This server lost the session to a newer turn while it stored this one, so this turn "
+    "was not stored over it.",
 )
 LOCK_LOST = StopReason(
     ErrorCode.RUN_LOST,
@@ -412,7 +419,10 @@ class RunManager:
         run.task = asyncio.create_task(
             self._drive(run, history, turn, enable_tools, waiting), name=f"chatstream-{run.id}"
         )
-        self.coordinator.keep(run.id, session, on_lost=lambda: self._lost(run))
+        # What the turn stores before its events: for whoever stores it if this instance dies.
+        head = (*turn.prelude, *([turn.user] if turn.user is not None else []))
+        opening = Opening(head, continues=continuation is not None)
+        self.coordinator.keep(run.id, session, on_lost=lambda: self._lost(run), opening=opening)
         return run
 
     def _gate(self, run_id: str) -> Gate:
@@ -518,9 +528,13 @@ class RunManager:
             terminal = outcome
         else:
             try:
-                session = await self.store.append(run.session, turn.to_store())
+                fence = self.coordinator.fence(run.id)
+                session = await self.store.append(run.session, turn.to_store(), fence=fence)
                 await self._settle_parking(run, turn)
                 run.stored = True
+            except Fenced:
+                log.warning("run %s: a newer turn wrote its session; not stored", run.id)
+                terminal, state = FENCED_OUT, RunState.FAILED
             except Exception:
                 log.exception("run %s: storing the turn failed", run.id)
                 terminal = Error(

@@ -16,15 +16,19 @@ from chatstream.cluster.coordinator import RedisCoordinator
 from chatstream.cluster.log import RedisRunLog
 from chatstream.cluster.scripts import Keys
 from chatstream.config import Settings
+from chatstream.store.base import SessionStore
 
 __all__ = ["Keys", "RedisCoordinator", "RedisRunLog", "shared_runs"]
 
 
-def shared_runs(redis: Redis, settings: Settings) -> tuple[RedisRunLog, RedisCoordinator]:
+def shared_runs(
+    redis: Redis, settings: Settings, *, store: SessionStore | None = None
+) -> tuple[RedisRunLog, RedisCoordinator]:
     """The run log and coordinator of every instance on ``redis``.
 
     When the coordinator takes back a lock that Redis lost (a restart), Redis may have
-    lost the run's log too: the log then checks where it ends and re-sends the rest.
+    lost the run's log too: the log then checks where it ends and re-sends the rest. A
+    run whose instance died is stored in ``store`` by the instance that declares it lost.
     """
-    log = RedisRunLog(redis, settings)
+    log = RedisRunLog(redis, settings, store=store)
     return log, RedisCoordinator(redis, settings, on_reclaimed=log.recheck)

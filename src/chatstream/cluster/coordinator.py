@@ -7,8 +7,14 @@ the owner takes it back if nobody else did, and the run log re-sends what Redis 
 another run holds it by then, or a follower already declared the run lost, the owner is
 told (``on_lost``) and stops its run with ``RUN_LOST``: it must not write over the newer
 turn. Renewing retries while Redis is unreachable, and the owner's last writes outlast a
-short outage (``store.redis.outlast``). Fencing a write already under way when the lock is
-lost needs tokens, which come with the PostgreSQL store.
+short outage (``store.redis.outlast``).
+
+A write already under way when the lock is lost (its owner cannot be stopped any more) is
+fenced: each claim takes the session's next token (``scripts.CLAIM``), the owner's write
+names it, and the store refuses it once a newer claim's turn has written the session. The
+run's record keeps its token and its ``Opening`` (written when the claim is first kept,
+and again when a lock Redis lost is taken back): whoever declares the run lost stores its
+turn with them (``cluster.log``).
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from chatstream.approvals import Answer, Pending, Taken
-from chatstream.cluster.scripts import ANSWER, RELEASE, RENEW, Keys, read_run
+from chatstream.cluster.scripts import ANSWER, CLAIM, RELEASE, RENEW, Keys, read_run
 from chatstream.config import Settings
-from chatstream.coordinator import Handler, Message, RunState, RunStatus
+from chatstream.coordinator import Handler, Message, Opening, RunState, RunStatus
 from chatstream.store.base import SessionRef
 from chatstream.store.redis import outlast, unavailable
 
@@ -56,10 +62,12 @@ class RedisCoordinator:
         self._outage_s = max(settings.streams.lock_ttl_s, 2.0)
         # Told when a lock Redis had lost was taken back: the log may need re-sending.
         self.on_reclaimed = on_reclaimed
+        self._claim = redis.register_script(CLAIM)
         self._renew = redis.register_script(RENEW)
         self._release = redis.register_script(RELEASE)
         self._answer = redis.register_script(ANSWER)
         self._kept: dict[str, asyncio.Task[None]] = {}
+        self._fences: dict[str, int] = {}
         self._listener: asyncio.Task[None] | None = None
 
     def _record(self, run_id: str, session: SessionRef) -> dict[str, str]:
@@ -72,33 +80,58 @@ class RedisCoordinator:
         }
 
     async def claim(self, run_id: str, session: SessionRef) -> str | None:
-        lock = self.keys.lock(session.key)
+        keys = [
+            self.keys.lock(session.key),
+            self.keys.fence(session.key),
+            self.keys.record(run_id),
+        ]
+        fields = {**self._record(run_id, session), "state": "running"}
+        args: list[Any] = [run_id, self.lock_ttl_ms, self._run_ttl_ms]
+        for name, value in fields.items():
+            args += (name, value)
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.set(lock, run_id, nx=True, px=self.lock_ttl_ms)
-                pipe.get(lock)
-                claimed, holder = await pipe.execute()
-            holder_id = cast(bytes, holder).decode() if holder else "unknown"
-            # A reconnection may re-send the SET after it was applied: the lock is ours then.
-            if not claimed and holder_id != run_id:
-                return holder_id
-            record = self.keys.record(run_id)
-            async with self.redis.pipeline(transaction=True) as pipe:
-                fields: dict[Any, Any] = {**self._record(run_id, session), "state": "running"}
-                pipe.hset(record, mapping=fields)
-                pipe.pexpire(record, self._run_ttl_ms)
-                await pipe.execute()
+            # Safe to repeat: a claim re-sent after it was applied finds the lock its own.
+            claimed, value = cast("list[Any]", await self._claim(keys=keys, args=args))
         except (RedisError, OSError) as exc:
             raise unavailable(f"run {run_id}: claiming session {session.key!r}", exc) from exc
+        if not int(claimed):
+            return cast(bytes, value).decode()
+        self._fences[run_id] = int(value)
         return None
 
-    def keep(self, run_id: str, session: SessionRef, on_lost: Callable[[], None]) -> None:
+    def fence(self, run_id: str) -> int | None:
+        return self._fences.get(run_id)
+
+    def keep(
+        self,
+        run_id: str,
+        session: SessionRef,
+        on_lost: Callable[[], None],
+        *,
+        opening: Opening | None = None,
+    ) -> None:
         self._kept[run_id] = asyncio.create_task(
-            self._keep_alive(run_id, session, on_lost), name=f"chatstream-lock-{run_id}"
+            self._keep_alive(run_id, session, on_lost, opening), name=f"chatstream-lock-{run_id}"
         )
 
+    async def _keep_opening(self, run_id: str, opening: Opening | None) -> None:
+        """Write the run's opening into its record, for whoever must store the turn."""
+        if opening is None:
+            return
+        body = json.dumps(opening.to_dict(), ensure_ascii=False)
+        try:
+            await self.redis.hset(self.keys.record(run_id), "opening", body)
+        except (RedisError, OSError) as exc:
+            # Renewing tries again when it takes the lock back; meanwhile the turn would
+            # be stored without its user's message if this instance died.
+            log.warning("run %s: keeping its opening in Redis failed (%s)", run_id, exc)
+
     async def _keep_alive(
-        self, run_id: str, session: SessionRef, on_lost: Callable[[], None]
+        self,
+        run_id: str,
+        session: SessionRef,
+        on_lost: Callable[[], None],
+        opening: Opening | None,
     ) -> None:
         keys = [
             self.keys.lock(session.key),
@@ -107,7 +140,25 @@ class RedisCoordinator:
             self.keys.approvals(run_id),
         ]
         record = self._record(run_id, session)
-        args: list[Any] = [run_id, self.lock_ttl_ms, self._run_ttl_ms, *record.values()]
+        fence = self._fences.get(run_id, 0)
+        args: list[Any] = [run_id, self.lock_ttl_ms, self._run_ttl_ms, *record.values(), fence]
+        # Beside renewing, never before it: a slow Redis must not hold the renewals back.
+        writes = {asyncio.create_task(self._keep_opening(run_id, opening))}
+        try:
+            await self._renew_while_held(run_id, keys, args, on_lost, opening, writes)
+        finally:
+            for write in writes:
+                write.cancel()
+
+    async def _renew_while_held(
+        self,
+        run_id: str,
+        keys: list[str],
+        args: list[Any],
+        on_lost: Callable[[], None],
+        opening: Opening | None,
+        writes: set[asyncio.Task[None]],
+    ) -> None:
         interval = self.lock_ttl_ms / 3000
         delay = interval
         while True:
@@ -127,6 +178,9 @@ class RedisCoordinator:
                     "the lock TTL); took it back",
                     run_id,
                 )
+                write = asyncio.create_task(self._keep_opening(run_id, opening))
+                writes.add(write)
+                write.add_done_callback(writes.discard)
                 if self.on_reclaimed is not None:
                     self.on_reclaimed(run_id)
             elif held == 0:
@@ -135,6 +189,7 @@ class RedisCoordinator:
                 return
 
     async def release(self, status: RunStatus) -> None:
+        self._fences.pop(status.run_id, None)
         kept = self._kept.pop(status.run_id, None)
         if kept is not None:
             kept.cancel()

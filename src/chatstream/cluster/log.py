@@ -6,14 +6,19 @@ wake-up, never one round trip per token. A reader on another instance gets a log
 own, fed from the stream with ``XREAD BLOCK`` from the seq it asked for. When the owner
 dies its lock expires: a follower that finds the lock gone for a lock TTL (or taken by
 another run) and no ending in the log appends ``error RUN_LOST`` itself, atomically and
-only once, so every reader sees the same ending. After a restart that lost the stream,
-the mirror re-sends it from the first entry Redis lost, so it never has a gap.
+only once, so every reader sees the same ending. The one follower whose script appended
+it also stores what the run's readers were sent as the turn's interrupted answer
+(``salvage.lost_turn``), named by the dead claim's fencing token: the store refuses it if
+the owner stored the turn before it died, or a newer turn wrote the session since, so the
+turn is stored once. After a restart that lost the stream, the mirror re-sends it from
+the first entry Redis lost, so it never has a gap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -22,13 +27,14 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from chatstream.cluster.salvage import lost_turn
 from chatstream.cluster.scripts import APPEND_LOG, DECLARE_LOST, Keys, read_run
 from chatstream.config import Settings
-from chatstream.coordinator import RunState
-from chatstream.errors import ErrorCode
-from chatstream.events import Done, Error, decode_frame, encode_around_seq
+from chatstream.coordinator import Opening, RunState
+from chatstream.errors import ErrorCode, StoreError
+from chatstream.events import Done, Error, Event, decode_frame, encode_around_seq
 from chatstream.runlog import Entry, Log, MemoryRunLog, Reader
-from chatstream.store.base import SessionRef
+from chatstream.store.base import Fenced, SessionRef, SessionStore
 from chatstream.store.redis import outlast
 
 log = logging.getLogger("chatstream.cluster")
@@ -36,6 +42,8 @@ log = logging.getLogger("chatstream.cluster")
 RUN_LOST = Error(ErrorCode.RUN_LOST, "The server running this turn stopped before it finished.")
 # Frames per mirror call: after an outage the backlog goes in pieces, so Redis stays responsive.
 BATCH = 1000
+# How long a lost turn's storing goes on trying while the store or Redis is unreachable.
+SALVAGE_S = 30.0
 _TERMINAL = (b"done", b"error")
 
 
@@ -58,8 +66,17 @@ def _stop(task: asyncio.Task[None]) -> None:
 class RedisRunLog:
     """Logs of this process's runs mirrored into Redis, and logs of others' runs followed."""
 
-    def __init__(self, redis: Redis, settings: Settings, *, keys: Keys | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        *,
+        keys: Keys | None = None,
+        store: SessionStore | None = None,
+    ) -> None:
         self.redis = redis
+        # Where a lost run's turn is stored; None: nowhere (its readers still get RUN_LOST).
+        self.store = store
         self.keys = keys or Keys()
         self.settings = settings
         self.lock_ttl_s = settings.streams.lock_ttl_s
@@ -69,6 +86,7 @@ class RedisRunLog:
         self._local = MemoryRunLog(ttl_s=settings.streams.run_ttl_s)
         self._mirrors: dict[str, _Mirror] = {}
         self._followers: set[asyncio.Task[None]] = set()
+        self._salvages: set[asyncio.Task[None]] = set()
         self._append_log = redis.register_script(APPEND_LOG)
         self._declare_lost = redis.register_script(DECLARE_LOST)
 
@@ -245,16 +263,81 @@ class RedisRunLog:
             if gone_since is None or now - gone_since < self.lock_ttl_s:
                 return now if gone_since is None else gone_since
         before, after = encode_around_seq(RUN_LOST, followed.run_id)
-        seq = await self._declare_lost(
-            keys=[self.keys.log(followed.run_id), self.keys.record(followed.run_id)],
-            args=[followed.last_seq, before, after, self._ended_ttl_ms],
+        declared = cast(
+            "list[Any]",
+            await self._declare_lost(
+                keys=[self.keys.log(followed.run_id), self.keys.record(followed.run_id)],
+                args=[followed.last_seq, before, after, self._ended_ttl_ms],
+            ),
         )
-        if seq:
+        if int(declared[0]):
             log.warning("run %s was lost with its instance; told its readers", followed.run_id)
+            seq, fence, opening = int(declared[0]), bytes(declared[1]), bytes(declared[2])
+            task = asyncio.create_task(
+                self._salvage(followed, seq, fence, opening),
+                name=f"chatstream-salvage-{followed.run_id}",
+            )
+            self._salvages.add(task)
+            task.add_done_callback(self._salvages.discard)
+            # This follower's readers get the ending once the session holds the turn (if
+            # the store answers soon): a client that reloads the session then finds it.
+            await asyncio.wait({task}, timeout=2.0)
         return gone_since
 
+    async def _salvage(self, followed: Log, ending: int, fence: bytes, opening: bytes) -> None:
+        """Store what a lost run's readers were sent (its log before ``ending``) as its turn."""
+        run_id = followed.run_id
+        if self.store is None:
+            return
+        if not opening:
+            log.warning("run %s: Redis kept no opening of its turn; it is not stored", run_id)
+            return
+        begun = Opening.from_dict(json.loads(opening))
+        token = int(fence) if fence else None
+        deadline = time.monotonic() + SALVAGE_S
+        delay = 0.1
+        while True:
+            try:
+                events = await self._events_before(run_id, ending)
+                await self.store.append(followed.session, lost_turn(begun, events), fence=token)
+            except Fenced:
+                log.info(
+                    "run %s: not stored for it: its owner stored it, or a newer turn wrote "
+                    "its session",
+                    run_id,
+                )
+                return
+            except (StoreError, RedisError, OSError) as exc:
+                if time.monotonic() + delay > deadline:
+                    log.warning("run %s: storing its lost turn failed (%s)", run_id, exc)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            log.warning("run %s: stored what its readers saw as an interrupted answer", run_id)
+            return
+
+    async def _events_before(self, run_id: str, ending: int) -> list[Event]:
+        """The events of a run's shared log, in order, up to (not with) seq ``ending``."""
+        key = self.keys.log(run_id)
+        events: list[Event] = []
+        start = "-"
+        while True:
+            entries = cast(
+                "list[tuple[bytes, dict[bytes, bytes]]]",
+                await self.redis.xrange(key, start, f"{ending - 1}-0", count=BATCH),
+            )
+            events += (decode_frame(bytes(fields[b"f"])) for _, fields in entries)
+            if len(entries) < BATCH:
+                return events
+            start = "(" + entries[-1][0].decode()
+
     async def close(self) -> None:
-        tasks = [m.task for m in self._mirrors.values() if m.task is not None]
+        if self._salvages:
+            # A lost turn being stored is given a moment to get there.
+            await asyncio.wait(list(self._salvages), timeout=5)
+        tasks = [*self._salvages]
+        tasks += [m.task for m in self._mirrors.values() if m.task is not None]
         tasks += list(self._followers)
         for task in tasks:
             task.cancel()

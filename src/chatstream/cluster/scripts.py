@@ -4,8 +4,12 @@ Keys (``<p>`` is the prefix, ``chatstream``):
 
 * ``<p>:lock:<session key>``  the session's busy lock: the running run's id; set if absent,
   with an expiry the owner renews while the run lives. A crashed owner's lock expires.
-* ``<p>:run:<runId>``         hash: session, key, owner_key, instance, state; last_seq once
-  it ended (while it runs, its log's last entry says where it is).
+* ``<p>:fence:<session key>`` the session's fencing counter: each claim takes the next token
+  (``INCR``, and never below Redis's clock in microseconds, so that a counter lost in a
+  restart starts again above every token it gave); expires with the runs.
+* ``<p>:run:<runId>``         hash: session, key, owner_key, instance, state, fence (its
+  claim's token), opening (``coordinator.Opening`` as JSON); last_seq once it ended (while
+  it runs, its log's last entry says where it is).
 * ``<p>:run:<runId>:log``     a Redis Stream of the run's encoded frames (field ``f``) and
   event types (``t``), entry id ``<seq>-0``, capped with MAXLEN, expiring with the run.
 * ``<p>:run:<runId>:approvals`` hash: each call waiting for approval (field ``<callId>``, the
@@ -35,6 +39,9 @@ class Keys:
 
     def lock(self, session_key: str) -> str:
         return f"{self.prefix}:lock:{session_key}"
+
+    def fence(self, session_key: str) -> str:
+        return f"{self.prefix}:fence:{session_key}"
 
     def record(self, run_id: str) -> str:
         return f"{self.prefix}:run:{run_id}"
@@ -100,22 +107,54 @@ local function log_end(key)
 end
 """
 
+# Claim a session's lock for a run, with the session's next fencing token. KEYS[1] the lock,
+# KEYS[2] the session's fencing counter, KEYS[3] the run's record; ARGV[1] the run id,
+# ARGV[2] the lock's TTL, ARGV[3] the run's TTL (ms), ARGV[4...] the record's fields and
+# values. Returns {1, token} when claimed (a claim re-sent after it was applied gets its
+# token back), {0, holder} when another run holds the lock.
+CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return {0, holder} end
+if holder then
+  local fence = redis.call('HGET', KEYS[3], 'fence')
+  if fence then return {1, fence} end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local now = redis.call('TIME')
+local floor = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local fence = redis.call('INCR', KEYS[2])
+if fence < floor then
+  fence = string.format('%.0f', floor)
+  redis.call('SET', KEYS[2], fence)
+else
+  fence = string.format('%.0f', fence)
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('HSET', KEYS[3], 'fence', fence, unpack(ARGV, 4))
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+return {1, fence}
+"""
+
 # Append ``error RUN_LOST`` after the last frame, unless the log already ended. The frame's
 # bytes come from ``events.encode_around_seq``: the script only puts the seq between them.
 # KEYS[1] the log, KEYS[2] the record; ARGV[1] the seq the caller has seen, ARGV[2] the
 # frame before its seq, ARGV[3] the frame after it, ARGV[4] how long the run stays (ms).
+# Returns {0} when the log had ended already; else {seq of the ending, the run's fencing
+# token, its opening} ('' for what the record lacks): the one caller that gets them stores
+# what the run's readers saw, so the turn is stored once however many readers notice.
 DECLARE_LOST = (
     _LOG_END
     + """
 local seq, ended = log_end(KEYS[1])
-if ended then return 0 end
+if ended then return {0} end
 -- A log that Redis lost ends before what the caller has seen.
 seq = math.max(seq, tonumber(ARGV[1])) + 1
 redis.call('XADD', KEYS[1], seq .. '-0', 't', 'error', 'f', ARGV[2] .. seq .. ARGV[3])
 redis.call('HSET', KEYS[2], 'state', 'failed', 'last_seq', seq)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return seq
+local kept = redis.call('HMGET', KEYS[2], 'fence', 'opening')
+return {seq, kept[1] or '', kept[2] or ''}
 """
 )
 
@@ -129,8 +168,8 @@ return 0
 # given at its start). A lock that is gone (expired in a stall, or lost in a restart) is taken
 # back with the run's record, unless the log has ended: a follower declared the run lost.
 # KEYS[1] the lock, KEYS[2] the record, KEYS[3] the log, KEYS[4] its approvals; ARGV[1] run
-# id, ARGV[2] lock TTL, ARGV[3] run TTL (ms), ARGV[4..7] the record's session, key,
-# owner_key and instance.
+# id, ARGV[2] lock TTL, ARGV[3] run TTL (ms), ARGV[4..8] the record's session, key,
+# owner_key, instance and fence (the claim's token: the lock taken back keeps it).
 # Returns 1 when the lock was held, 2 when it was taken back, 0 when the run is lost.
 RENEW = (
     _LOG_END
@@ -142,7 +181,7 @@ if not holder then
   if ended then return 0 end
   redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
   redis.call('HSET', KEYS[2], 'session', ARGV[4], 'key', ARGV[5], 'owner_key', ARGV[6],
-             'instance', ARGV[7], 'state', 'running')
+             'instance', ARGV[7], 'fence', ARGV[8], 'state', 'running')
   held = 2
 elseif holder ~= ARGV[1] then
   return 0

@@ -2,9 +2,10 @@
 
 It is an async context manager: everything it opens is closed on the way out, in reverse,
 also when start-up fails half-way (a model that cannot warm up closes the store it was
-opened with). The store URL names one backend: SQLite, with runs kept in this process; or
-Redis, where one client (one connection pool) carries both the sessions and the runs shared
-between instances, and is closed after both.
+opened with). The store URL names where sessions live: SQLite, Redis or PostgreSQL. The
+runs URL (``--runs``) names the Redis where runs, locks, approvals and the stop button are
+shared between instances; without one, runs stay in this process, except that a Redis
+store shares its own Redis (one client, one connection pool, for both, closed after both).
 
 Handlers reach the runtime through Starlette's lifespan state: ``create_app``'s lifespan
 yields ``{"runtime": …}`` and ``runtime_of(request)`` reads it back from ``request.state``.
@@ -36,6 +37,8 @@ from chatstream.tools import Tool, ToolRegistry
 from chatstream.tools.loading import load_tools
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
     from chatstream.tools.mcp import McpServers
 
 log = logging.getLogger("chatstream.server")
@@ -179,28 +182,65 @@ async def _start_mcp(
     return servers
 
 
+RUNS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def runs_location(settings: Settings) -> str:
+    """The Redis URL where runs are shared, or "" for this process; ``ValueError`` for a
+    runs URL that names anything but a Redis."""
+    if settings.runs:
+        if not settings.runs.startswith(RUNS_SCHEMES):
+            scheme = settings.runs.partition(":")[0]
+            raise ValueError(
+                f"unsupported runs URL (scheme {scheme!r}): runs are shared through Redis, "
+                "redis://host:port/db"
+            )
+        return settings.runs
+    where = StoreURL.parse(settings.store)
+    return where.location if where.backend == "redis" else ""
+
+
 async def _open_backend(
     settings: Settings, stack: AsyncExitStack
 ) -> tuple[SessionStore, RunLog | None, Coordinator | None]:
-    """The store and, on Redis, the shared run log and coordinator: one client under all.
+    """The store and, with a runs URL, the shared run log and coordinator.
 
-    The run manager closes the log and the coordinator; the runtime closes the client last.
+    One Redis client per Redis URL: a Redis store and runs on that same Redis share it. The
+    run manager closes the log and the coordinator; the runtime closes the clients last.
     """
     where = StoreURL.parse(settings.store)
+    shared = runs_location(settings)
+    clients: dict[str, Redis] = {}
+
+    def client_for(url: str) -> Redis:
+        if url not in clients:
+            from chatstream.store.redis import connect
+
+            clients[url] = connect(url)
+            # The runtime owns the client: pushed first, so closed last, after the store
+            # and the runs are done with it.
+            stack.push_async_callback(clients[url].aclose)
+        return clients[url]
+
+    if shared:
+        client_for(shared)
+    store: SessionStore
     if where.backend == "sqlite":
         from chatstream.store.sqlite import SQLiteStore
 
-        sqlite = await SQLiteStore.open(where.location)
-        stack.push_async_callback(sqlite.close)
-        return sqlite, None, None
-    from chatstream.cluster import shared_runs
-    from chatstream.store.redis import RedisStore, connect
+        store = await SQLiteStore.open(where.location)
+    elif where.backend == "postgresql":
+        from chatstream.store.postgres import PostgresStore
 
-    client = connect(where.location)
-    # The runtime owns the client: pushed first, so closed last, after the store and the
-    # runs are done with it.
-    stack.push_async_callback(client.aclose)
-    redis = RedisStore(client)
-    stack.push_async_callback(redis.close)
-    run_log, coordinator = shared_runs(client, settings)
-    return redis, run_log, coordinator
+        store = await PostgresStore.open(where.location)
+    else:
+        from chatstream.store.redis import RedisStore
+
+        store = RedisStore(client_for(where.location))
+    stack.push_async_callback(store.close)
+    if not shared:
+        return store, None, None
+    from chatstream.cluster import shared_runs
+
+    run_log, coordinator = shared_runs(client_for(shared), settings, store=store)
+    return store, run_log, coordinator

@@ -1,20 +1,21 @@
-"""Session stores, opened from a URL: ``sqlite:///path`` (default) or ``redis://…``."""
+"""Session stores, opened from a URL: ``sqlite:///path`` (default), ``redis://…`` or
+``postgresql://user:password@host:port/database``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from chatstream.store.base import Session, SessionStore, SessionSummary
+from chatstream.store.base import Fenced, Session, SessionStore, SessionSummary
 
-__all__ = ["Session", "SessionStore", "SessionSummary", "StoreURL", "open_store"]
+__all__ = ["Fenced", "Session", "SessionStore", "SessionSummary", "StoreURL", "open_store"]
 
 
 @dataclass(frozen=True, slots=True)
 class StoreURL:
-    """A store URL read once: which backend, and where (a SQLite path, or the Redis URL)."""
+    """A store URL read once: which backend, and where (a SQLite path, or the server's URL)."""
 
-    backend: Literal["sqlite", "redis"]
+    backend: Literal["sqlite", "redis", "postgresql"]
     location: str
 
     @classmethod
@@ -26,9 +27,12 @@ class StoreURL:
             return cls("sqlite", ":memory:")
         if url.startswith(("redis://", "rediss://", "unix://")):
             return cls("redis", url)
+        if url.startswith(("postgresql://", "postgres://")):
+            return cls("postgresql", url)
         scheme = url.partition(":")[0]
         raise ValueError(
-            f"unsupported store URL {url!r} (scheme {scheme!r}); use sqlite:///path/to/file.db or redis://host:port/db"
+            f"unsupported store URL (scheme {scheme!r}); use sqlite:///path/to/file.db, "
+            "redis://host:port/db or postgresql://user:password@host:port/database"
         )
 
 
@@ -39,6 +43,10 @@ async def open_store(url: str) -> SessionStore:
     runs (``chatstream.server.runtime``).
     """
     where = StoreURL.parse(url)
+    if where.backend == "postgresql":
+        from chatstream.store.postgres import PostgresStore
+
+        return await PostgresStore.open(where.location)
     if where.backend == "redis":
         from chatstream.store.redis import RedisStore
 

@@ -1,4 +1,12 @@
-"""The SessionStore protocol: where conversations live between turns."""
+"""The SessionStore protocol: where conversations live between turns.
+
+A write may name a fencing token (``append(…, fence=)``): the token of the session lock
+the writing run holds, which grows with each claim. A store keeps the token of the last
+write that named one and refuses (``Fenced``) a write whose token is not newer, unless it
+is that same write tried again: an instance that lost its lock (a Redis stall, a
+partition) cannot write over a newer turn, and a token writes a session once, so the
+owner of a turn and whoever stores it for a dead owner cannot both store it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from chatstream.errors import ErrorCode, StoreError
 from chatstream.messages import Message, history_length
+
+
+class Fenced(StoreError):
+    """A write refused: its fencing token is not newer than the session's last one."""
+
+    code = ErrorCode.RUN_LOST
+
+
+FENCED = "A newer turn has written this session (or this turn was stored already)."
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +86,14 @@ class SessionStore(Protocol):
         """The session, or None when there is none by that id."""
         ...
 
-    async def append(self, ref: SessionRef, messages: Sequence[Message]) -> Session:
-        """Add messages at the end of a session, creating it if needed; return it whole."""
+    async def append(
+        self, ref: SessionRef, messages: Sequence[Message], *, fence: int | None = None
+    ) -> Session:
+        """Add messages at the end of a session, creating it if needed; return it whole.
+
+        With ``fence``, in the same transaction: ``Fenced`` when the session's last fenced
+        write named the same token or a newer one.
+        """
         ...
 
     async def delete(self, ref: SessionRef) -> bool:

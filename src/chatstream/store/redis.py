@@ -2,7 +2,8 @@
 
 Keys (``<prefix>`` defaults to ``chatstream``):
 
-* ``<prefix>:session:<id>``        hash: created_at, last_activity, title
+* ``<prefix>:session:<id>``        hash: created_at, last_activity, title, and fence (the
+                                   token of its last fenced write)
 * ``<prefix>:session:<id>:log``    list of messages as JSON, in order
 * ``<prefix>:sessions``            sorted set of session ids by last activity
 * ``<prefix>:write:<token>``        marks one ``append`` as done, for a minute
@@ -28,7 +29,7 @@ from dataclasses import replace
 from typing import Any, TypeVar, cast
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -37,7 +38,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chatstream.errors import StoreError
 from chatstream.messages import Message
-from chatstream.store.base import Session, SessionRef, SessionSummary
+from chatstream.store.base import FENCED, Fenced, Session, SessionRef, SessionSummary
 
 log = logging.getLogger("chatstream.store")
 T = TypeVar("T")
@@ -85,16 +86,34 @@ async def outlast(call: Callable[[], Awaitable[T]], *, within_s: float, what: st
 
 
 # KEYS[1] the session, KEYS[2] its messages, KEYS[3] its owner's index, KEYS[4] this write's
-# marker; ARGV[1] now, ARGV[2] the title, ARGV[3] the public id, ARGV[4...] the messages.
+# marker; ARGV[1] now, ARGV[2] the title, ARGV[3] the public id, ARGV[4] the fencing token
+# ('' for none), ARGV[5...] the messages. Returns 1 when written, 0 when this write was
+# applied before (a retry), -1 when refused: the session's last fenced write named the
+# same token or a newer one.
 _APPEND = """
-if not redis.call('SET', KEYS[4], '1', 'NX', 'PX', 60000) then return 0 end
+if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+if ARGV[4] ~= '' then
+  local stored = redis.call('HGET', KEYS[1], 'fence')
+  if stored and tonumber(ARGV[4]) <= tonumber(stored) then return -1 end
+  redis.call('HSET', KEYS[1], 'fence', ARGV[4])
+end
+redis.call('SET', KEYS[4], '1', 'PX', 60000)
 redis.call('HSETNX', KEYS[1], 'created_at', ARGV[1])
 redis.call('HSETNX', KEYS[1], 'title', ARGV[2])
 redis.call('HSET', KEYS[1], 'last_activity', ARGV[1])
-for i = 4, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 5, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('ZADD', KEYS[3], ARGV[1], ARGV[3])
 return 1
 """
+
+
+# Connections one client opens at most. Each run has a call in flight now and then (its
+# log's mirror, its lock's renewal) and each reader of another instance's run holds one
+# in XREAD for up to a second; past this many, a call waits for one (up to ``POOL_WAIT_S``)
+# rather than failing. redis-py's default pool refuses any call past 100 in flight: a
+# thousand streams at once then got ``503 STORE_UNAVAILABLE`` (``bench/run.py``, C=1,000).
+MAX_CONNECTIONS = 512
+POOL_WAIT_S = 5.0
 
 
 def connect(url: str) -> Redis:
@@ -103,13 +122,16 @@ def connect(url: str) -> Redis:
     It connects lazily, so the server starts even while Redis is down, and reports it; a
     stalled Redis must not hang a call forever (XREAD blocks for at most 1 s).
     """
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=POOL_WAIT_S,
         socket_connect_timeout=2,
         socket_timeout=5,
         health_check_interval=10,
         retry=RECONNECT_ONCE,
     )
+    return Redis.from_pool(pool)
 
 
 class RedisStore:
@@ -182,7 +204,9 @@ class RedisStore:
             last_activity=float(meta[b"last_activity"]),
         )
 
-    async def append(self, ref: SessionRef, messages: Sequence[Message]) -> Session:
+    async def append(
+        self, ref: SessionRef, messages: Sequence[Message], *, fence: int | None = None
+    ) -> Session:
         """Add a turn's messages in one transaction and return the whole session."""
         session_id = ref.key
         now = time.time()
@@ -199,12 +223,14 @@ class RedisStore:
             self._index(owner),
             f"{self.prefix}:write:{secrets.token_hex(8)}",
         ]
-        args: list[Any] = [repr(now), title, public_id, *bodies]
+        args: list[Any] = [repr(now), title, public_id, "" if fence is None else fence, *bodies]
         what = f"writing session {session_id!r}"
         try:
-            await outlast(
+            written = await outlast(
                 lambda: self._append(keys=keys, args=args), within_s=self.outage_s, what=what
             )
+            if int(written) < 0:
+                raise Fenced(FENCED)
             meta, stored = await outlast(
                 lambda: self._read(session_id), within_s=self.outage_s, what=what
             )
@@ -265,7 +291,11 @@ class RedisStore:
             else:
                 await self.redis.set(key, orjson.dumps(record))
 
-        await outlast(write, within_s=self.outage_s, what=f"parking run {run_id!r}")
+        what = f"parking run {run_id!r}"
+        try:
+            await outlast(write, within_s=self.outage_s, what=what)
+        except (RedisError, OSError) as exc:
+            raise unavailable(what, exc) from exc
 
     async def parked(self, run_id: str) -> dict[str, Any] | None:
         """A parked run's record, or None."""

@@ -22,10 +22,11 @@ import orjson
 
 from chatstream.errors import StoreError
 from chatstream.messages import Message
-from chatstream.store.base import Session, SessionRef, SessionSummary
+from chatstream.store.base import FENCED, Fenced, Session, SessionRef, SessionSummary
 
 # 1: sessions and messages. 2: parked runs (turns waiting for approval across a restart).
-SCHEMA_VERSION = 2
+# 3: each session's fencing token (``store.base``).
+SCHEMA_VERSION = 3
 T = TypeVar("T")
 
 _SCHEMA = [
@@ -54,6 +55,9 @@ _SCHEMA = [
     ) WITHOUT ROWID
     """,
 ]
+# Changes to tables that the statements above made in an older version, by the version
+# that brings them: applied to a file of a lower version, after those statements.
+_MIGRATIONS = {3: ["ALTER TABLE sessions ADD COLUMN fence INTEGER"]}
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -74,6 +78,10 @@ def _connect(path: Path) -> sqlite3.Connection:
             with _transaction(db):
                 for statement in _SCHEMA:
                     db.execute(statement)
+                for target, statements in sorted(_MIGRATIONS.items()):
+                    if version < target:
+                        for statement in statements:
+                            db.execute(statement)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     except BaseException:
         db.close()
@@ -143,7 +151,7 @@ class SQLiteStore:
             lambda: self._load(session_id), f"could not read session {session_id!r}"
         )
 
-    def _append(self, session_id: str, messages: Sequence[Message]) -> Session:
+    def _append(self, session_id: str, messages: Sequence[Message], fence: int | None) -> Session:
         now = time.time()
         title = next((m.content[:80] for m in messages if m.role == "user"), "")
         db = self._db
@@ -154,9 +162,14 @@ class SQLiteStore:
                 (session_id, now, now, title),
             )
             row = db.execute(
-                "SELECT message_count FROM sessions WHERE id = ?", (session_id,)
+                "SELECT message_count, fence FROM sessions WHERE id = ?", (session_id,)
             ).fetchone()
             start = row[0] if row else 0
+            if fence is not None:
+                # A write is never retried here, so "the same write again" cannot happen.
+                if row is not None and row[1] is not None and fence <= row[1]:
+                    raise Fenced(FENCED)
+                db.execute("UPDATE sessions SET fence = ? WHERE id = ?", (fence, session_id))
             db.executemany(
                 "INSERT INTO messages (session_id, position, body) VALUES (?, ?, ?)",
                 [
@@ -173,11 +186,14 @@ class SQLiteStore:
         assert session is not None
         return session
 
-    async def append(self, ref: SessionRef, messages: Sequence[Message]) -> Session:
+    async def append(
+        self, ref: SessionRef, messages: Sequence[Message], *, fence: int | None = None
+    ) -> Session:
         """Add a turn's messages in one transaction and return the whole session."""
         session_id = ref.key
         return await self._run(
-            lambda: self._append(session_id, messages), f"could not write session {session_id!r}"
+            lambda: self._append(session_id, messages, fence),
+            f"could not write session {session_id!r}",
         )
 
     def _delete(self, session_id: str) -> bool:
