@@ -241,3 +241,28 @@ async def test_store_and_cluster_errors_name_no_host_port_or_driver_message(
         await store.close()
     # What failed, and where, is for the operator: in the log.
     assert f"127.0.0.1:{port}" in caplog.text
+
+
+async def test_health_says_degraded_while_the_runs_redis_is_down(
+    own_redis: RedisServer, settings: Settings
+) -> None:
+    # Sessions in SQLite, runs on a Redis of their own: without that Redis no turn starts,
+    # so health must not say ok while it is down.
+    with live_server(settings.with_(runs=own_redis.url)) as live:
+        async with httpx.AsyncClient(base_url=live.url, timeout=10) as http:
+            up = await http.get("/api/health")
+            assert (up.status_code, up.json()["runs"]) == (200, {"shared": True, "ok": True})
+            own_redis.stop()
+            try:
+                down = await http.get("/api/health")
+                assert down.status_code == 503
+                assert down.json()["status"] == "degraded"
+                assert down.json()["runs"]["ok"] is False
+                assert down.json()["store"]["ok"] is True
+            finally:
+                own_redis.start()
+            await eventually(lambda: _health_ok(http), within_s=10)
+
+
+async def _health_ok(http: httpx.AsyncClient) -> bool:
+    return (await http.get("/api/health")).status_code == 200

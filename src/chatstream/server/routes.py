@@ -13,6 +13,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from chatstream import __version__
+from chatstream.coordinator import MemoryCoordinator
 from chatstream.errors import (
     ClientGone,
     ErrorCode,
@@ -445,15 +446,18 @@ async def list_tools(request: Request, caller: CallerDep) -> ToolListOut:
 )
 async def health(request: Request, response: Response) -> HealthOut:
     runtime = runtime_of(request)
-    store_ok = await runtime.store.ping()
-    if not store_ok:
+    coordinator = runtime.runs.coordinator
+    # Where runs are shared (--runs) is needed as much as the store: without it no turn starts.
+    store_ok, runs_ok = await asyncio.gather(runtime.store.ping(), coordinator.ping())
+    if not (store_ok and runs_ok):
         response.status_code = 503
     return HealthOut(
-        status="ok" if store_ok else "degraded",
+        status="ok" if store_ok and runs_ok else "degraded",
         version=__version__,
         uptimeSeconds=round(time.monotonic() - runtime.started_at, 3),
         model=runtime.model.name,
         store={"kind": runtime.store.name, "ok": store_ok},
+        runs={"shared": not isinstance(coordinator, MemoryCoordinator), "ok": runs_ok},
         activeRuns=runtime.runs.active_count,
         accepting=runtime.runs.accepting,
         # A server that is down is not chatstream failing: health stays ok, and says which.

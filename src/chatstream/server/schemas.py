@@ -180,6 +180,10 @@ class HealthOut(BaseModel):
     uptimeSeconds: float
     model: str
     store: dict[str, Any]
+    runs: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Where runs live: {"shared": true when on Redis (--runs), "ok"}',
+    )
     activeRuns: int
     accepting: bool
     mcp: dict[str, dict[str, Any]] | None = Field(
