@@ -23,6 +23,8 @@ from chatstream.client import Approval, AsyncClient, Client, ClientError
 from chatstream.config import Settings
 from chatstream.events import ApprovalRequired, Done, Event, Frame, FrameDecoder
 from chatstream.server.app import create_app
+from tests.fakes.anthropic_upstream import FakeAnthropic, ToolUse
+from tests.fakes.anthropic_upstream import Message as AnthropicMessage
 from tests.fakes.openai_upstream import Call, Completion, FakeOpenAI
 from tests.support import approval_tools
 from tests.support.process import server_process
@@ -585,3 +587,49 @@ def test_the_blocking_client_answers_too(
         assert result.text == "Sent."
         assert result.tool_results[0].result == "Sent 'Hello' to kim@example.com."
     assert ran(ran_log) == [{"tool": "send_email", **EMAIL}]
+
+
+async def test_a_call_stopped_while_waiting_leaves_a_history_anthropic_takes(
+    settings: Settings, ran_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Anthropic refuses a history in which a tool_use has no tool_result right after it.
+    with FakeAnthropic() as fake:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
+        fake.enqueue(
+            AnthropicMessage(tool_uses=[ToolUse("send_email", EMAIL, id="toolu_mail")]),
+            AnthropicMessage(text=["Fine."]),
+        )
+        served = settings.with_(model="anthropic:fake-model")
+        app = create_app(served, tools=approval_tools.tools)
+        async with httpx.AsyncClient(timeout=30) as http:
+            with live_server(served, lambda s: app) as live:
+                http.base_url = httpx.URL(live.url)
+                async with reading(http, message="mail Kim", sessionId="s-claude") as events:
+                    run_id = run_of(await events.until("approval_required"))
+                    await http.post(f"/api/chat/runs/{run_id}/cancel")
+                    await events.until("error")
+                again = await stream(
+                    http,
+                    "GET",
+                    "/api/chat/stream",
+                    params={"message": "ok", "sessionId": "s-claude"},
+                )
+                assert again.types[-1] == "done"
+        sent = fake.requests[-1].body["messages"]
+        uses = [
+            b
+            for m in sent
+            if m["role"] == "assistant"
+            for b in m["content"]
+            if b.get("type") == "tool_use"
+        ]
+        results = [
+            b
+            for m in sent
+            if m["role"] == "user" and isinstance(m["content"], list)
+            for b in m["content"]
+            if b.get("type") == "tool_result"
+        ]
+        assert [u["id"] for u in uses] == [r["tool_use_id"] for r in results] == ["toolu_mail"]
+        assert results[0]["is_error"] is True
+        assert ran(ran_log) == []
