@@ -344,6 +344,42 @@ def test_ui_stream_regenerate_replaces_the_last_answer(node: str, server: LiveSe
     assert [m["role"] for m in stored["messages"]] == ["user", "assistant"]
 
 
+def test_ui_stream_regenerate_keeps_the_old_answer_until_the_new_one_is_stored(
+    server: LiveServer,
+) -> None:
+    def ask(trigger: str) -> dict[str, Any]:
+        part = {"type": "text", "text": "count to 30"}
+        return {
+            "id": "ui-keep",
+            "trigger": trigger,
+            "messages": [{"id": "m1", "role": "user", "parts": [part]}],
+        }
+
+    first = httpx.post(f"{server.url}/api/ui/chat", json=ask("submit-message"), timeout=30)
+    assert first.status_code == 200
+    old = session(server, "ui-keep")["messages"][-1]["content"]
+    url = f"{server.url}/api/ui/chat"
+    with httpx.stream("POST", url, json=ask("regenerate-message"), timeout=30) as again:
+        assert again.status_code == 200
+        chunks = again.iter_lines()
+        next(line for line in chunks if '"text-delta"' in line)
+        # Mid-answer, the session still holds the turn being regenerated, whole: a crash
+        # now would lose nothing.
+        during = session(server, "ui-keep")
+        assert [m["content"] for m in during["messages"]] == ["count to 30", old]
+        for _ in chunks:
+            pass
+    after = session(server, "ui-keep")
+    assert [m["role"] for m in after["messages"]] == ["user", "assistant"]
+    assert after["messages"][-1]["content"] == " ".join(str(i) for i in range(1, 31))
+    # Nothing to regenerate in a new chat: a clear refusal, nothing written.
+    empty = {**ask("regenerate-message"), "id": "ui-nothing"}
+    refused = httpx.post(url, json=empty, timeout=10)
+    assert refused.status_code == 400
+    assert "no answer to regenerate" in refused.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/api/chat/sessions/ui-nothing", timeout=10).status_code == 404
+
+
 # -- AG-UI ---------------------------------------------------------------------------
 
 

@@ -586,14 +586,17 @@ async def test_an_mcp_style_tool_name_is_called(roomy: LocalModel) -> None:
     assert [(c.name, c.arguments["path"]) for c in calls] == [("files__read-file", "/etc/hosts")]
 
 
-async def test_warm_up_reads_the_system_prompt_in_use(model: LocalModel) -> None:
+async def test_warm_up_reads_the_system_prompt_in_use() -> None:
     pirate = "You are Ahoy, a pirate. Answer like one."
-
-    await model.warm_up(TOOLS, system_prompt=pirate)
-
-    llm = model._llm
-    assert llm is not None
-    cached = llm.detokenize(llm.input_ids[: llm.n_tokens].tolist()).decode()
-    assert pirate in cached
-    assert SYSTEM_PROMPT not in cached
-    await model.warm_up(TOOLS)  # as the tests above had it
+    # A model of its own, offered one tool: the shared one keeps its warm default prompt,
+    # and a short prompt keeps the test quick on a busy machine.
+    local = LocalModel(max_tokens=8, queue_limit=1, temperature=0.0)
+    try:
+        await local.warm_up(TOOLS[:1], system_prompt=pirate)
+        llm = local._llm
+        assert llm is not None
+        cached = llm.detokenize(llm.input_ids[: llm.n_tokens].tolist()).decode()
+        assert pirate in cached
+        assert SYSTEM_PROMPT not in cached
+    finally:
+        await local.aclose()

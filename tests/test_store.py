@@ -41,6 +41,23 @@ def a_turn(text: str) -> list[m.Message]:
     ]
 
 
+async def test_a_regenerated_turn_replaces_the_last_one_in_one_write(store: SessionStore) -> None:
+    ref = SessionRef("", "regen")
+    await store.append(ref, [m.user("first"), m.assistant("one")])
+    await store.append(ref, [m.user("second"), m.assistant("two")])
+    again = await store.append(ref, [m.user("second"), m.assistant("two, again")], replace_from=2)
+    assert [x.content for x in again.messages] == ["first", "one", "second", "two, again"]
+    loaded = await store.load(ref)
+    assert loaded is not None
+    assert [x.content for x in loaded.messages] == ["first", "one", "second", "two, again"]
+    # The next turn goes after it; replacing from 0 rewrites the whole session.
+    after = await store.append(ref, [m.user("third"), m.assistant("three")])
+    assert len(after.messages) == 6
+    whole = await store.append(ref, [m.user("only"), m.assistant("this")], replace_from=0)
+    assert [x.content for x in whole.messages] == ["only", "this"]
+    assert [x.content for x in (await store.load(ref) or whole).messages] == ["only", "this"]
+
+
 async def test_a_missing_session_is_none(store: SessionStore) -> None:
     assert await store.load(SessionRef("", "nobody")) is None
     assert await store.delete(SessionRef("", "nobody")) is False

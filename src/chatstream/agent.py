@@ -50,6 +50,8 @@ class Turn:
     parked: bool = False
     # The run driving the turn: a pending call is stored with it, to be answered there.
     run_id: str | None = None
+    # Set for a regenerated answer: the position of the stored turn it replaces.
+    replace_from: int | None = None
 
     def to_store(self) -> list[Message]:
         """The user message, every finished tool round, and the answer.

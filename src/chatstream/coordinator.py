@@ -58,14 +58,21 @@ class Opening:
 
     messages: tuple[m.Message, ...] = ()
     continues: bool = False
+    # A regenerated answer's: the position of the stored turn it replaces.
+    replace_from: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"messages": [msg.to_dict() for msg in self.messages], "continues": self.continues}
+        return {
+            "messages": [msg.to_dict() for msg in self.messages],
+            "continues": self.continues,
+            "replaceFrom": self.replace_from,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Opening:
         messages = tuple(m.Message.from_dict(msg) for msg in data.get("messages", ()))
-        return cls(messages, bool(data.get("continues", False)))
+        replace_from = data.get("replaceFrom")
+        return cls(messages, bool(data.get("continues", False)), replace_from)
 
 
 def next_fence(last: int) -> int:

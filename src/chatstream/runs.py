@@ -41,6 +41,7 @@ from chatstream.errors import (
     ApprovalAnswered,
     ChatstreamError,
     ErrorCode,
+    InvalidRequest,
     ModelError,
     NotFound,
     Refused,
@@ -238,6 +239,17 @@ def _ended_as(ending: Entry) -> RunState:
     return RunState.FAILED if isinstance(ending.event, Error) else RunState.RUNNING
 
 
+def _regenerated(session: SessionRef, stored: Session | None) -> Turn:
+    """The turn that answers the session's last user message again, in place of its turn."""
+    messages = stored.messages if stored is not None else ()
+    last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role == "user"), None)
+    if last is None:
+        raise InvalidRequest(f"Session {session.id!r} has no answer to regenerate.")
+    turn = Turn(m.user(messages[last].content))
+    turn.replace_from = last
+    return turn
+
+
 def _no_approval(run_id: str, call_id: str) -> NotFound:
     return NotFound(
         f"No call {call_id!r} of run {run_id!r} waits for approval.",
@@ -343,9 +355,21 @@ class RunManager:
             return None if run.stored else run.id
         return await self._shared(self.coordinator.holder(session))
 
-    async def start(self, session: SessionRef, message: str, *, enable_tools: bool = True) -> Run:
-        """Start a turn in a session; refuse when that session already has one running."""
-        return await self._start(session, message, enable_tools=enable_tools)
+    async def start(
+        self,
+        session: SessionRef,
+        message: str | None,
+        *,
+        enable_tools: bool = True,
+        regenerate: bool = False,
+    ) -> Run:
+        """Start a turn in a session; refuse when that session already has one running.
+
+        ``regenerate`` answers the session's last user message again, in place of its
+        answer (``message`` is then not used): the new turn replaces the old one when it
+        is stored, in the same write, so a failure before then keeps the old one.
+        """
+        return await self._start(session, message, enable_tools=enable_tools, regenerate=regenerate)
 
     async def _start(
         self,
@@ -354,6 +378,7 @@ class RunManager:
         *,
         enable_tools: bool = True,
         continuation: _Continuation | None = None,
+        regenerate: bool = False,
     ) -> Run:
         if not self.accepting:
             raise ShuttingDown("The server is shutting down and takes no new turns.")
@@ -385,7 +410,10 @@ class RunManager:
                 )
             claimed = True
             stored = await self.store.load(session)
-            if continuation is not None:
+            waiting: tuple[Pending, ...] = ()
+            if regenerate:
+                turn = _regenerated(session, stored)
+            elif continuation is not None:
                 turn, waiting = self._continue(run, stored, continuation)
                 # Recorded as answered, so that a second answer is told so.
                 answered = [
@@ -394,7 +422,7 @@ class RunManager:
                 await self.coordinator.ask(run.id, answered)
                 await self.coordinator.answer(run.id, continuation.answer)
             else:
-                turn, waiting = Turn(m.user(message or "")), ()
+                turn = Turn(m.user(message or ""))
         except BaseException as exc:
             self._release(run)
             self._runs.pop(run.id, None)
@@ -406,6 +434,8 @@ class RunManager:
                 raise _store_unavailable(exc) from exc
             raise
         messages = stored.messages if stored else ()
+        if turn.replace_from is not None:
+            messages = messages[: turn.replace_from]
         if continuation is None and m.pending_calls(messages):
             # A new message in a session whose turn waits for approval: those calls are
             # declined, and that turn ends here, so the history stays whole for providers.
@@ -421,7 +451,7 @@ class RunManager:
         )
         # What the turn stores before its events: for whoever stores it if this instance dies.
         head = (*turn.prelude, *([turn.user] if turn.user is not None else []))
-        opening = Opening(head, continues=continuation is not None)
+        opening = Opening(head, continues=continuation is not None, replace_from=turn.replace_from)
         self.coordinator.keep(run.id, session, on_lost=lambda: self._lost(run), opening=opening)
         return run
 
@@ -529,7 +559,9 @@ class RunManager:
         else:
             try:
                 fence = self.coordinator.fence(run.id)
-                session = await self.store.append(run.session, turn.to_store(), fence=fence)
+                session = await self.store.append(
+                    run.session, turn.to_store(), fence=fence, replace_from=turn.replace_from
+                )
                 await self._settle_parking(run, turn)
                 run.stored = True
             except Fenced:

@@ -299,7 +299,12 @@ class RedisRunLog:
         while True:
             try:
                 events = await self._events_before(run_id, ending)
-                await self.store.append(followed.session, lost_turn(begun, events), fence=token)
+                await self.store.append(
+                    followed.session,
+                    lost_turn(begun, events),
+                    fence=token,
+                    replace_from=begun.replace_from,
+                )
             except Fenced:
                 log.info(
                     "run %s: not stored for it: its owner stored it, or a newer turn wrote "

@@ -49,7 +49,13 @@ CallerDep = Annotated[Caller, Depends(_caller)]
 
 
 async def start_turn(
-    request: Request, caller: Caller, text: str, session_id: str, enable_tools: bool
+    request: Request,
+    caller: Caller,
+    text: str | None,
+    session_id: str,
+    enable_tools: bool,
+    *,
+    regenerate: bool = False,
 ) -> tuple[Run, Callable[[], None]]:
     """Start a turn within the caller's limits; the run, and the release of its slot.
 
@@ -65,7 +71,8 @@ async def start_turn(
         refund()
         raise
     try:
-        run = await runtime.runs.start(caller.session(session_id), text, enable_tools=enable_tools)
+        ref = caller.session(session_id)
+        run = await runtime.runs.start(ref, text, enable_tools=enable_tools, regenerate=regenerate)
     except BaseException:
         # A turn refused here (busy session, store down) is not counted.
         release()

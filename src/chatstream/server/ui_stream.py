@@ -33,7 +33,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from chatstream.errors import ApprovalAnswered, ErrorCode, InvalidRequest, SessionBusy
+from chatstream.errors import ApprovalAnswered, ErrorCode, InvalidRequest
 from chatstream.events import (
     ApprovalRequired,
     Done,
@@ -335,8 +335,9 @@ async def ui_chat(request: Request, caller: CallerDep, body: UIChatIn) -> Respon
     session_id = validate_session_id(body.id, field="id")
     last = body.messages[-1]
     if body.trigger == "regenerate-message":
-        text = await _drop_last_answer(request, caller, session_id)
-        return await _new_turn(request, caller, session_id, text)
+        # The new answer replaces the last turn when it is stored, in the same write.
+        run, release = await start_turn(request, caller, None, session_id, True, regenerate=True)
+        return _response(request, run.log.reader(0), UIEncoder(run.id, session_id), release)
     if last.role == "user":
         text = "\n".join(p.text for p in last.parts if p.type == "text" and p.text)
         return await _new_turn(request, caller, session_id, text)
@@ -417,28 +418,6 @@ async def _new_turn(request: Request, caller: Caller, session_id: str, text: str
     text, _ = validate_turn(text, session_id, runtime.settings.turns.max_message_chars)
     run, release = await start_turn(request, caller, text, session_id, True)
     return _response(request, run.log.reader(0), UIEncoder(run.id, session_id), release)
-
-
-async def _drop_last_answer(request: Request, caller: Caller, session_id: str) -> str:
-    """Take the session's last turn out of its history; its user message, to run again.
-
-    The store has no way to cut a session, so it is rewritten: deleted, and its messages
-    before that turn appended again (their times kept).
-    """
-    runtime = runtime_of(request)
-    ref = caller.session(session_id)
-    if await runtime.runs.active_run_id(ref) is not None:
-        raise SessionBusy(f"Session {session_id!r} has a turn running; stop it or wait for it.")
-    stored = await runtime.store.load(ref)
-    messages = stored.messages if stored is not None else ()
-    users = [i for i, message in enumerate(messages) if message.role == "user"]
-    if not users:
-        raise InvalidRequest(f"Session {session_id!r} has no answer to regenerate.")
-    last_user = users[-1]
-    await runtime.store.delete(ref)
-    if last_user:
-        await runtime.store.append(ref, messages[:last_user])
-    return messages[last_user].content
 
 
 def _response(

@@ -87,12 +87,19 @@ class SessionStore(Protocol):
         ...
 
     async def append(
-        self, ref: SessionRef, messages: Sequence[Message], *, fence: int | None = None
+        self,
+        ref: SessionRef,
+        messages: Sequence[Message],
+        *,
+        fence: int | None = None,
+        replace_from: int | None = None,
     ) -> Session:
         """Add messages at the end of a session, creating it if needed; return it whole.
 
         With ``fence``, in the same transaction: ``Fenced`` when the session's last fenced
-        write named the same token or a newer one.
+        write named the same token or a newer one. With ``replace_from``, the stored
+        messages from that position on are dropped in the same transaction (a regenerated
+        answer replaces the turn it regenerates, and a crash keeps the old one).
         """
         ...
 

@@ -130,6 +130,8 @@ SELECT position, body FROM messages WHERE session_key = $1
 UNION ALL SELECT position, body FROM added
 ORDER BY position
 """
+# A regenerated answer's write drops the turn it replaces first (same transaction).
+_CUT = "DELETE FROM messages WHERE session_key = $1 AND position >= $2"
 _LOAD = """
 SELECT s.created_at, s.last_activity, m.body
 FROM sessions s LEFT JOIN messages m ON m.session_key = s.key
@@ -316,7 +318,12 @@ class PostgresStore:
         return _session_of(session_id, rows)
 
     async def append(
-        self, ref: SessionRef, messages: Sequence[Message], *, fence: int | None = None
+        self,
+        ref: SessionRef,
+        messages: Sequence[Message],
+        *,
+        fence: int | None = None,
+        replace_from: int | None = None,
     ) -> Session:
         """Add a turn's messages in one transaction and return the whole session."""
         session_id = ref.key
@@ -340,6 +347,9 @@ class PostgresStore:
                 if fence is not None and row["fence"] is not None and fence <= row["fence"]:
                     raise Fenced(FENCED)
                 count = int(row["message_count"])
+                if replace_from is not None and replace_from < count:
+                    await conn.execute(_CUT, session_id, replace_from)
+                    count = replace_from
                 stored = await conn.fetch(_WRITE, session_id, count, bodies, fence, write_id)
             return Session(
                 session_id,

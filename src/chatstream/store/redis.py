@@ -87,7 +87,8 @@ async def outlast(call: Callable[[], Awaitable[T]], *, within_s: float, what: st
 
 # KEYS[1] the session, KEYS[2] its messages, KEYS[3] its owner's index, KEYS[4] this write's
 # marker; ARGV[1] now, ARGV[2] the title, ARGV[3] the public id, ARGV[4] the fencing token
-# ('' for none), ARGV[5...] the messages. Returns 1 when written, 0 when this write was
+# ('' for none), ARGV[5] the position from which stored messages are replaced ('' for
+# none), ARGV[6...] the messages. Returns 1 when written, 0 when this write was
 # applied before (a retry), -1 when refused: the session's last fenced write named the
 # same token or a newer one.
 _APPEND = """
@@ -101,7 +102,11 @@ redis.call('SET', KEYS[4], '1', 'PX', 60000)
 redis.call('HSETNX', KEYS[1], 'created_at', ARGV[1])
 redis.call('HSETNX', KEYS[1], 'title', ARGV[2])
 redis.call('HSET', KEYS[1], 'last_activity', ARGV[1])
-for i = 5, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+if ARGV[5] ~= '' then
+  local keep = tonumber(ARGV[5])
+  if keep == 0 then redis.call('DEL', KEYS[2]) else redis.call('LTRIM', KEYS[2], 0, keep - 1) end
+end
+for i = 6, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('ZADD', KEYS[3], ARGV[1], ARGV[3])
 return 1
 """
@@ -205,7 +210,12 @@ class RedisStore:
         )
 
     async def append(
-        self, ref: SessionRef, messages: Sequence[Message], *, fence: int | None = None
+        self,
+        ref: SessionRef,
+        messages: Sequence[Message],
+        *,
+        fence: int | None = None,
+        replace_from: int | None = None,
     ) -> Session:
         """Add a turn's messages in one transaction and return the whole session."""
         session_id = ref.key
@@ -223,7 +233,14 @@ class RedisStore:
             self._index(owner),
             f"{self.prefix}:write:{secrets.token_hex(8)}",
         ]
-        args: list[Any] = [repr(now), title, public_id, "" if fence is None else fence, *bodies]
+        args: list[Any] = [
+            repr(now),
+            title,
+            public_id,
+            "" if fence is None else fence,
+            "" if replace_from is None else replace_from,
+            *bodies,
+        ]
         what = f"writing session {session_id!r}"
         try:
             written = await outlast(

@@ -151,7 +151,13 @@ class SQLiteStore:
             lambda: self._load(session_id), f"could not read session {session_id!r}"
         )
 
-    def _append(self, session_id: str, messages: Sequence[Message], fence: int | None) -> Session:
+    def _append(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        fence: int | None,
+        replace_from: int | None,
+    ) -> Session:
         now = time.time()
         title = next((m.content[:80] for m in messages if m.role == "user"), "")
         db = self._db
@@ -170,6 +176,12 @@ class SQLiteStore:
                 if row is not None and row[1] is not None and fence <= row[1]:
                     raise Fenced(FENCED)
                 db.execute("UPDATE sessions SET fence = ? WHERE id = ?", (fence, session_id))
+            if replace_from is not None and replace_from < start:
+                db.execute(
+                    "DELETE FROM messages WHERE session_id = ? AND position >= ?",
+                    (session_id, replace_from),
+                )
+                start = replace_from
             db.executemany(
                 "INSERT INTO messages (session_id, position, body) VALUES (?, ?, ?)",
                 [
@@ -187,12 +199,17 @@ class SQLiteStore:
         return session
 
     async def append(
-        self, ref: SessionRef, messages: Sequence[Message], *, fence: int | None = None
+        self,
+        ref: SessionRef,
+        messages: Sequence[Message],
+        *,
+        fence: int | None = None,
+        replace_from: int | None = None,
     ) -> Session:
         """Add a turn's messages in one transaction and return the whole session."""
         session_id = ref.key
         return await self._run(
-            lambda: self._append(session_id, messages, fence),
+            lambda: self._append(session_id, messages, fence, replace_from),
             f"could not write session {session_id!r}",
         )
 
