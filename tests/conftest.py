@@ -83,3 +83,12 @@ def postgres_url(postgres_instance: PostgresServer) -> str:
     """A PostgreSQL database without chatstream's tables, for this test."""
     postgres_instance.flush()
     return postgres_instance.url
+
+
+@pytest.fixture
+def ran_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The file ``tests/support/approval_tools`` records each tool call that runs in (for
+    servers in this process, and for server processes started after it)."""
+    path = tmp_path / "ran.jsonl"
+    monkeypatch.setenv("APPROVAL_TOOLS_LOG", str(path))
+    return path

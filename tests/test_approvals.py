@@ -27,6 +27,7 @@ from tests.fakes.anthropic_upstream import FakeAnthropic, ToolUse
 from tests.fakes.anthropic_upstream import Message as AnthropicMessage
 from tests.fakes.openai_upstream import Call, Completion, FakeOpenAI
 from tests.support import approval_tools
+from tests.support.approval_tools import ran
 from tests.support.process import server_process
 from tests.support.server import LiveServer, live_server
 from tests.support.sse import stream
@@ -41,17 +42,6 @@ def upstream(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAI]:
     with FakeOpenAI() as fake:
         monkeypatch.setenv("OPENAI_BASE_URL", fake.url)
         yield fake
-
-
-@pytest.fixture
-def ran_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "ran.jsonl"
-    monkeypatch.setenv("APPROVAL_TOOLS_LOG", str(path))
-    return path
-
-
-def ran(path: Path) -> list[dict[str, object]]:
-    return approval_tools.ran(str(path))
 
 
 @asynccontextmanager

@@ -29,6 +29,7 @@ from chatstream.store.base import SessionRef
 from tests.fakes.open_meteo import run_fake_open_meteo
 from tests.support import approval_tools
 from tests.support import process as server_processes
+from tests.support.approval_tools import ran
 from tests.support.process import server_process
 from tests.support.proxy import CuttingProxy, cutting_proxy
 from tests.support.server import LiveServer, free_port, live_server
@@ -536,18 +537,6 @@ def test_markup_from_users_models_and_tools_is_shown_as_text(
 
 
 # -- approvals ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def ran_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The file the approval tools log each call that runs to (the server runs in-process)."""
-    path = tmp_path / "ran.jsonl"
-    monkeypatch.setenv("APPROVAL_TOOLS_LOG", str(path))
-    return path
-
-
-def ran(path: Path) -> list[dict[str, object]]:
-    return approval_tools.ran(str(path))
 
 
 @contextmanager

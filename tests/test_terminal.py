@@ -22,6 +22,7 @@ import pytest
 from chatstream.config import Settings
 from chatstream.server.app import create_app
 from tests.support import approval_tools
+from tests.support.approval_tools import ran
 from tests.support.server import LiveServer, free_port, live_server
 
 HELLO = "Hello! I am the scripted model. Ask me about the weather, the time or some arithmetic."
@@ -295,18 +296,6 @@ def test_in_a_terminal_an_mcp_tool_shows_live_progress_then_its_result(
 
 
 # -- tool calls that need approval ------------------------------------------------
-
-
-@pytest.fixture
-def ran_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The file the approval tools log each call that runs to (the server runs in-process)."""
-    path = tmp_path / "ran.jsonl"
-    monkeypatch.setenv("APPROVAL_TOOLS_LOG", str(path))
-    return path
-
-
-def ran(path: Path) -> list[dict[str, object]]:
-    return approval_tools.ran(str(path))
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ def _record(name: str, **args: object) -> None:
             log.write(json.dumps({"tool": name, **args}) + "\n")
 
 
-def ran(path: str) -> list[dict[str, object]]:
-    """The calls recorded in ``path`` so far."""
+def ran(path: str | os.PathLike[str]) -> list[dict[str, object]]:
+    """The calls recorded in ``path`` so far (the ``ran_log`` fixture's file)."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as log:
