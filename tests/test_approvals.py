@@ -228,6 +228,12 @@ async def test_one_answer_per_call_and_only_the_owners(
             assert twice.json()["error"]["code"] == "APPROVAL_ANSWERED"
             malformed = await a.post(url, json={"approved": "yes please"})
             assert malformed.status_code == 400
+            wordy = await a.post(url, json={"approved": False, "reason": "x" * 2001})
+            assert wordy.status_code == 400
+            assert "reason" in wordy.json()["error"]["message"]
+            long_id = await a.post(f"/api/chat/runs/{run_id}/approvals/{'c' * 5000}", json=yes)
+            assert long_id.status_code == 404
+            assert len(long_id.json()["error"]["message"]) < 300  # not echoed back whole
             await events.until("done")
         assert ran(ran_log) == []
 

@@ -251,8 +251,9 @@ def _regenerated(session: SessionRef, stored: Session | None) -> Turn:
 
 
 def _no_approval(run_id: str, call_id: str) -> NotFound:
+    # The ids come from the URL: a long one is not echoed back whole.
     return NotFound(
-        f"No call {call_id!r} of run {run_id!r} waits for approval.",
+        f"No call {call_id[:100]!r} of run {run_id[:100]!r} waits for approval.",
         code=ErrorCode.APPROVAL_NOT_FOUND,
     )
 

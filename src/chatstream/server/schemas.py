@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 
@@ -144,8 +144,10 @@ class ApprovalIn(BaseModel):
     )
 
     approved: bool
-    reason: Text | None = Field(
-        default=None, max_length=2000, description="Told to the model when declined."
+    reason: (
+        Annotated[str, StringConstraints(max_length=2000), AfterValidator(_encodable)] | None
+    ) = Field(
+        default=None, description="Told to the model when declined (at most 2,000 characters)."
     )
 
 
@@ -174,11 +176,21 @@ class ToolListOut(BaseModel):
     count: int
 
 
+class WarmUpOut(BaseModel):
+    status: Literal["warming up", "ready", "failed"]
+    seconds: float = Field(description="How long the warm-up took, or has taken so far")
+    error: str | None = None
+
+
 class HealthOut(BaseModel):
     status: str
     version: str
     uptimeSeconds: float
     model: str
+    warmUp: WarmUpOut = Field(
+        description='The model\'s warm-up: "warming up" while the weights load (turns wait '
+        'for it), then "ready", or "failed" with the error (health is then "degraded")'
+    )
     store: dict[str, Any]
     runs: dict[str, Any] = Field(
         default_factory=dict,
