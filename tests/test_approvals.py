@@ -231,7 +231,9 @@ async def test_one_answer_per_call_and_only_the_owners(
             wordy = await a.post(url, json={"approved": False, "reason": "x" * 2001})
             assert wordy.status_code == 400
             assert "reason" in wordy.json()["error"]["message"]
-            long_id = await a.post(f"/api/chat/runs/{run_id}/approvals/{'c' * 5000}", json=yes)
+            long_id = await a.post(
+                f"/api/chat/runs/{run_id}/approvals/{'c' * 5000}", json={"approved": True}
+            )
             assert long_id.status_code == 404
             assert len(long_id.json()["error"]["message"]) < 300  # not echoed back whole
             await events.until("done")
