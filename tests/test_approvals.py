@@ -201,12 +201,8 @@ async def test_one_answer_per_call_and_only_the_owners(
     upstream.enqueue(email_call(), Completion(text=["Done."]))
     keys = {"api_keys": ("key-a", "key-b")}
     async with serve(settings, **keys) as live:
-        a = httpx.AsyncClient(
-            base_url=live.url, timeout=30, headers={"Authorization": "Bearer key-a"}
-        )
-        b = httpx.AsyncClient(
-            base_url=live.url, timeout=30, headers={"Authorization": "Bearer key-b"}
-        )
+        a = httpx.AsyncClient(base_url=live.url, timeout=30, headers=bearer("key-a"))
+        b = httpx.AsyncClient(base_url=live.url, timeout=30, headers=bearer("key-b"))
         async with a, b, reading(a, message="mail Kim") as events:
             run_id = run_of(await events.until("approval_required"))
             url = f"/api/chat/runs/{run_id}/approvals/call_mail"
