@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -191,3 +192,49 @@ async def test_redis_down_is_reported_refused_and_recovered(
                 await asyncio.sleep(0.1)
             result = await stream(http, "GET", "/api/chat/stream", params={"message": "hi"})
             assert result.types[-1] == "done"
+
+
+async def test_the_frontends_protocols_resume_a_run_of_a_on_b(
+    pair: tuple[ServerProcess, ServerProcess],
+) -> None:
+    a, b = pair
+    ui_body = {
+        "id": "shared-ui",
+        "trigger": "submit-message",
+        "messages": [
+            {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "count to 60"}]}
+        ],
+    }
+    async with httpx.AsyncClient(timeout=30) as http:
+        # The Vercel AI SDK's reconnect on B replays A's run from its start and follows it.
+        async with http.stream("POST", f"{a.url}/api/ui/chat", json=ui_body) as started:
+            lines = started.aiter_lines()
+            async for line in lines:
+                if '"text-delta"' in line:
+                    break
+            again = await http.get(f"{b.url}/api/ui/chat/shared-ui/stream")
+        assert again.status_code == 200
+        chunks = [line[6:] for line in again.text.splitlines() if line.startswith("data: ")]
+        assert chunks[-1] == "[DONE]"
+        deltas = [json.loads(c)["delta"] for c in chunks[:-1] if '"text-delta"' in c]
+        assert "".join(deltas) == " ".join(str(i) for i in range(1, 61))
+        # AG-UI on B replays, by its run id, a run that AG-UI started on A.
+        agui_body = {
+            "threadId": "shared-agui",
+            "runId": "client-1",
+            "messages": [{"id": "m1", "role": "user", "content": "count to 40"}],
+            "tools": [],
+            "state": {},
+            "context": [],
+            "forwardedProps": {},
+        }
+        async with http.stream("POST", f"{a.url}/api/agui", json=agui_body) as started:
+            async for line in started.aiter_lines():
+                if '"RUN_STARTED"' in line:
+                    run_id = json.loads(line[6:])["runId"]
+                    break
+        replay = await http.post(f"{b.url}/api/agui", json={**agui_body, "runId": run_id})
+        events = [json.loads(x[6:]) for x in replay.text.splitlines() if x.startswith("data: ")]
+        assert events[0]["type"] == "RUN_STARTED" and events[-1]["type"] == "RUN_FINISHED"
+        text = "".join(e["delta"] for e in events if e["type"] == "TEXT_MESSAGE_CONTENT")
+        assert text == " ".join(str(i) for i in range(1, 41))
