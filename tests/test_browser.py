@@ -394,7 +394,31 @@ def test_a_refused_message_is_reported_in_the_conversation(page: Page, settings:
         assert answer(page) == counted(3)
 
 
-def test_a_server_with_api_keys_asks_for_one(page: Page, settings: Settings) -> None:
+# Holds back the answers to the page's reads of one chat, as a slow network would: the
+# answer is the chat as it was when asked. window.slowReads counts those still held.
+SLOW_SESSION_READS = """
+window.slowReads = 0;
+const realFetch = window.fetch;
+window.fetch = async (input, init) => {
+  const path = new URL(typeof input === "string" ? input : input.url, location.href).pathname;
+  const chat = path.startsWith("/api/chat/sessions/") && path.split("/").length === 5;
+  const response = await realFetch(input, init);
+  if ((init?.method ?? "GET") === "GET" && chat) {
+    window.slowReads++;
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    window.slowReads--;
+  }
+  return response;
+};
+"""
+
+
+@pytest.mark.parametrize("network", ["fast", "slow"])
+def test_a_server_with_api_keys_asks_for_one(page: Page, settings: Settings, network: str) -> None:
+    if network == "slow":
+        # The chat is read again once the key is given; a message sent before that read
+        # arrives must stay on screen, not be wiped by the (empty) history.
+        page.add_init_script(SLOW_SESSION_READS)
     with live_server(settings.with_(api_keys=("s3cret",))) as live:
         page.goto(live.url)
         dialog = page.get_by_role("dialog", name="This server needs an API key")
@@ -407,7 +431,10 @@ def test_a_server_with_api_keys_asks_for_one(page: Page, settings: Settings) -> 
         expect(dialog).to_be_hidden()
         send(page, "count to 3")
         wait_until_answered(page)
+        if network == "slow":
+            page.wait_for_function("window.slowReads === 0")
         assert answer(page) == counted(3)
+        expect(page.locator(".msg.user")).to_have_text(["count to 3"])
         expect(page.locator("#session-list button")).to_have_count(1)
 
 

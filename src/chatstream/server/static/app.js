@@ -33,6 +33,7 @@ const state = {
   asked: {}, // call id -> the run that asked for its approval, in this chat
   shown: [], // the stored answers on screen (from the session's history)
   opening: 0, // counts openSession calls, so that only the latest one renders
+  loaded: Promise.resolve(), // settles when the chat being opened has shown its history
   pinned: true, // the log follows new text unless the reader scrolled up
 };
 
@@ -238,7 +239,12 @@ function showHistory(messages) {
   });
 }
 
-async function openSession(sessionId) {
+function openSession(sessionId) {
+  state.loaded = loadSession(sessionId).catch((error) => status(error.message));
+  return state.loaded;
+}
+
+async function loadSession(sessionId) {
   unfollow();
   const before = saved();
   const same = before.sessionId === sessionId;
@@ -357,12 +363,15 @@ els.keyForm.addEventListener("submit", () => {
 
 // -- wiring ------------------------------------------------------------------------
 
-els.form.addEventListener("submit", (event) => {
+els.form.addEventListener("submit", async (event) => {
   event.preventDefault();
   const message = els.message.value;
   if (!message.trim() || state.view) return;
   els.message.value = "";
   fitMessageBox();
+  // A chat still loading would replace the log, and this message with it, when it
+  // arrives (right after an API key is given, say): show its history first.
+  await state.loaded;
   send(message);
 });
 
