@@ -45,6 +45,7 @@ import orjson
 from chatstream.errors import StoreError
 from chatstream.messages import Message
 from chatstream.store.base import FENCED, Fenced, Session, SessionRef, SessionSummary
+from chatstream.store.outage import retry_while_down
 
 try:
     import asyncpg
@@ -148,23 +149,9 @@ def unavailable(what: str, exc: BaseException) -> StoreError:
 
 async def outlast(call: Callable[[], Awaitable[T]], *, within_s: float, what: str) -> T:
     """``await call()``, tried again with backoff while the database is unreachable."""
-    deadline = time.monotonic() + within_s
-    delay = 0.05
-    warned = False
-    while True:
-        try:
-            return await call()
-        except OUTAGE_ERRORS as exc:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise
-            if not warned:
-                warned = True
-                log.warning(
-                    "%s: PostgreSQL is unreachable (%s); trying again for %.1f s", what, exc, left
-                )
-            await asyncio.sleep(min(delay, left))
-            delay = min(delay * 2, 1.0)
+    return await retry_while_down(
+        call, within_s=within_s, what=what, errors=OUTAGE_ERRORS, service="PostgreSQL", log=log
+    )
 
 
 class _StoreLoop:

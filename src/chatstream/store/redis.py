@@ -20,7 +20,6 @@ What went wrong (Redis's host and port, the driver's words) is logged; a
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
@@ -39,6 +38,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from chatstream.errors import StoreError
 from chatstream.messages import Message
 from chatstream.store.base import FENCED, Fenced, Session, SessionRef, SessionSummary
+from chatstream.store.outage import retry_while_down
 
 log = logging.getLogger("chatstream.store")
 T = TypeVar("T")
@@ -66,23 +66,9 @@ async def outlast(call: Callable[[], Awaitable[T]], *, within_s: float, what: st
     Only for calls that are safe to repeat: an attempt whose answer was lost may have been
     applied.
     """
-    deadline = time.monotonic() + within_s
-    delay = 0.05
-    warned = False
-    while True:
-        try:
-            return await call()
-        except OUTAGE_ERRORS as exc:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise
-            if not warned:
-                warned = True
-                log.warning(
-                    "%s: Redis is unreachable (%s); trying again for %.1f s", what, exc, left
-                )
-            await asyncio.sleep(min(delay, left))
-            delay = min(delay * 2, 1.0)
+    return await retry_while_down(
+        call, within_s=within_s, what=what, errors=OUTAGE_ERRORS, service="Redis", log=log
+    )
 
 
 # KEYS[1] the session, KEYS[2] its messages, KEYS[3] its owner's index, KEYS[4] this write's
