@@ -1,27 +1,31 @@
-"""What LocalModel adds to llama.cpp: time to first token, prompt and decode speed, side by side.
+"""The local models' speed and footprint: ready time, memory, prompt and decode speed, TTFT.
 
-Both paths run the same prompt tokens with the same greedy sampling in one process, one
-after the other, ``--runs`` times each:
+Every model named in ``--models`` (the pinned ``local`` and ``local:small``, or
+``local:PATH.gguf``) is measured in one process, one after the other:
 
-- ``llama-cpp-python``: ``Llama.create_completion(tokens, stream=True)``, called directly;
-- ``LocalModel.stream``: chatstream's model, with its thread bridge, queue and grammar.
+- ready: ``LocalModel.warm_up`` with the four tools and the server's system prompt, as the
+  server runs it at start: the weights checked (and assembled, on a machine's very first
+  run), loaded, and the prompt every chat opens with read;
+- resident memory once ready (this process, after the models before it were closed);
+- prompt and decode tokens/s: ``--runs`` generations on a cold prompt (a run number at
+  the head of the system prompt makes every prompt new), medians; time to first token
+  there includes reading the whole prompt;
+- time to first token of a chat's first turn (the system prompt cached, as on a server),
+  of its follow-up turn, and of a follow-up after another chat's turn came between
+  (whose cache the local model keeps aside and puts back), and that last one again with
+  the model's chat snapshots turned off, as before they existed.
 
-Each run starts with a cold prompt cache (a run number at the head of the system prompt
-makes every prompt new), so time to first token includes evaluating the whole prompt;
-prompt tokens/s is prompt tokens over that time, decode tokens/s counts the tokens after
-the first over the time after the first. Medians are printed. ``--warm`` puts the run
-number in the question instead, so the system prompt (and tools) stay cached between
-runs, as they do between a server's requests; prompt tokens/s is then not meaningful.
+``--direct`` adds the comparison with llama-cpp-python on its own on the same prompt
+tokens, greedy both: what ``LocalModel.stream`` (thread bridge, queue, grammar) costs.
 
-Run: ``.venv/bin/python bench/local_model.py [--runs 5] [--tokens 128] [--threads N]
-[--tools] [--warm]``
+Run: ``.venv/bin/python bench/local_model.py [--models local,local:small] [--runs 3]
+[--tokens 128] [--threads N] [--direct]``
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
 import statistics
 import sys
 import time
@@ -32,16 +36,28 @@ from typing import Any
 
 import llama_cpp
 
-from chatstream import messages as m
-from chatstream.messages import Message
-from chatstream.models.base import TextDelta, ToolSpec, Usage
-from chatstream.models.local import LocalModel, render
-from chatstream.models.weights import default_model_path
-from chatstream.prompts import SYSTEM_PROMPT
-from chatstream.tools import default_tools
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # ``python bench/local_model.py`` as well as ``-m``
 
-# Answered in text, at length, with or without tools on offer.
+from bench.tool_accuracy import local_model  # noqa: E402
+
+from chatstream import messages as m  # noqa: E402
+from chatstream.messages import Message  # noqa: E402
+from chatstream.models.base import TextDelta, ToolSpec, Usage  # noqa: E402
+from chatstream.models.local import LocalModel, render  # noqa: E402
+from chatstream.models.weights import model_path  # noqa: E402
+from chatstream.prompts import SYSTEM_PROMPT  # noqa: E402
+from chatstream.tools import default_tools  # noqa: E402
+
+# Answered in text, at length, with the tools on offer.
 QUESTION = "Explain in detail how a bicycle works, part by part."
+# A chat of three turns, and another chat whose one turn comes between its second and third.
+CHAT = (
+    "Explain in detail how a bicycle works, part by part.",
+    "And how do its gears work?",
+    "What about its brakes?",
+)
+OTHER_CHAT = "Describe how a refrigerator keeps food cold."
 
 
 @dataclass(frozen=True)
@@ -66,10 +82,8 @@ class Sample:
 Measure = Callable[[list[Message]], Awaitable[Sample]]
 
 
-def conversation(run: int, *, warm: bool = False) -> list[Message]:
-    """A prompt no earlier run has evaluated; ``warm``: one whose system prompt it has."""
-    if warm:
-        return [Message("system", SYSTEM_PROMPT), m.user(f"(Run {run}.) {QUESTION}")]
+def conversation(run: int) -> list[Message]:
+    """A prompt no earlier run has evaluated."""
     return [Message("system", f"(Run {run}.) {SYSTEM_PROMPT}"), m.user(QUESTION)]
 
 
@@ -121,74 +135,103 @@ def local(model: LocalModel, tools: list[ToolSpec]) -> Measure:
     return measure
 
 
-def report(name: str, samples: list[Sample]) -> dict[str, float]:
+def resident_mib() -> float:
+    """This process's resident memory now."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def speeds(name: str, samples: list[Sample]) -> dict[str, float]:
     figures = {
         "ttft_ms": 1000 * statistics.median(s.first_token_s for s in samples),
         "prompt_tps": statistics.median(s.prompt_rate for s in samples),
         "decode_tps": statistics.median(s.decode_rate for s in samples),
     }
     print(
-        f"{name:18} {figures['ttft_ms']:9.0f} ms {figures['prompt_tps']:10.1f} tok/s "
-        f"{figures['decode_tps']:10.1f} tok/s   ({samples[0].prompt_tokens} prompt tokens, "
-        f"{samples[0].decode_tokens + 1} generated)"
+        f"  {name:18} {figures['ttft_ms']:7.0f} ms first token, prompt "
+        f"{figures['prompt_tps']:6.1f} tok/s, decode {figures['decode_tps']:5.1f} tok/s "
+        f"({samples[0].prompt_tokens} prompt tokens, {samples[0].decode_tokens + 1} generated)"
     )
     return figures
 
 
+async def turns(measure: Measure, tag: str) -> dict[str, Sample]:
+    """Time to first token of a chat's turns, with another chat's turn before the third."""
+    chat: list[Message] = [Message("system", SYSTEM_PROMPT)]
+    found: dict[str, Sample] = {}
+    for index, question in enumerate(CHAT):
+        if index == 2:
+            other = [Message("system", SYSTEM_PROMPT), m.user(f"{OTHER_CHAT} ({tag})")]
+            found["other chat"] = await measure(other)
+        chat.append(m.user(f"{question} ({tag})" if index == 0 else question))
+        sample = await measure(chat)
+        chat.append(m.assistant(sample.text))
+        found[("first turn", "follow-up", "follow-up after another chat")[index]] = sample
+    return found
+
+
+async def bench(spec: str, options: argparse.Namespace) -> None:
+    base = resident_mib()
+    model = local_model(spec, max_tokens=options.tokens, n_threads=options.threads)
+    model.temperature = 0.0  # greedy: the runs generate the same tokens
+    tools = [t.spec for t in default_tools()]
+    started = time.perf_counter()
+    await model.warm_up(tools, system_prompt=SYSTEM_PROMPT)
+    ready = time.perf_counter() - started
+    print(f"{model.name}: ready in {ready:.1f} s (load {model.load_seconds:.1f} s)")
+    print(f"  resident memory {resident_mib():.0f} MiB ({resident_mib() - base:+.0f} MiB)")
+    ours = local(model, tools)
+    try:
+        samples = [await ours(conversation(run)) for run in range(1, options.runs + 1)]
+        figures = speeds("LocalModel.stream", samples)
+        for name, sample in (await turns(ours, "a")).items():
+            print(
+                f"  {name:29} {1000 * sample.first_token_s:6.0f} ms to first token "
+                f"({sample.prompt_tokens} prompt tokens)"
+            )
+        model._snapshots.capacity = 0
+        cut = (await turns(ours, "b"))["follow-up after another chat"]
+        print(
+            f"  {'  the same, no snapshots':29} {1000 * cut.first_token_s:6.0f} ms to first "
+            f"token ({cut.prompt_tokens} prompt tokens)"
+        )
+        if options.direct:
+            path = model.path or model_path(model.weights)
+            llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=model.n_ctx, n_threads=options.threads, verbose=False
+            )
+            try:
+                theirs = direct(llm, model, options.tokens, tools)
+                runs = range(options.runs + 1, 2 * options.runs + 1)
+                base_figures = speeds(
+                    "llama-cpp-python", [await theirs(conversation(r)) for r in runs]
+                )
+            finally:
+                llm.close()
+            added = 100 * (base_figures["decode_tps"] / figures["decode_tps"] - 1)
+            print(
+                f"  LocalModel adds {figures['ttft_ms'] - base_figures['ttft_ms']:+.0f} ms to "
+                f"the first token and {added:+.1f}% to decode time per token"
+            )
+    finally:
+        await model.aclose()
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="a GGUF file (default: the embedded model)")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--models", default="local,local:small", help="local models, by commas")
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128, help="tokens to generate per run")
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads")
     parser.add_argument(
-        "--tools", action="store_true", help="offer the four tools (a longer prompt, as served)"
+        "--direct", action="store_true", help="also llama-cpp-python alone, side by side"
     )
-    parser.add_argument("--warm", action="store_true", help="keep the system prompt cached")
     options = parser.parse_args()
-
-    path = options.model or default_model_path()
-    model = LocalModel(
-        options.model, max_tokens=options.tokens, n_threads=options.threads, temperature=0.0
-    )
-    started = time.perf_counter()
-    await model.warm_up(())
-    print(f"LocalModel.load: {time.perf_counter() - started:.2f} s (weights checked, mapped)")
-    started = time.perf_counter()
-    llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=model.n_ctx, n_threads=options.threads, verbose=False
-    )
-    print(f"Llama(): {time.perf_counter() - started:.2f} s")
-
-    tools = [t.spec for t in default_tools()] if options.tools else []
-    paths: dict[str, Measure] = {"llama-cpp-python": direct(llm, model, options.tokens, tools)}
-    paths["LocalModel.stream"] = local(model, tools)
-    samples: dict[str, list[Sample]] = {name: [] for name in paths}
-    try:
-        await paths["LocalModel.stream"](conversation(0))  # warm-up: first-use costs aside
-        for run in range(1, options.runs + 1):
-            # Alternate, so that drift in the machine's load hits both alike.
-            for name, measure in paths.items():
-                samples[name].append(await measure(conversation(run, warm=options.warm)))
-    finally:
-        await model.aclose()
-        llm.close()
-
-    print(f"\n{'':18} {'first token':>12} {'prompt':>16} {'decode':>16}   (medians)")
-    base = report("llama-cpp-python", samples["llama-cpp-python"])
-    ours = report("LocalModel.stream", samples["LocalModel.stream"])
-    print(
-        f"\nLocalModel adds {ours['ttft_ms'] - base['ttft_ms']:+.0f} ms to the first token and "
-        f"{100 * (base['decode_tps'] / ours['decode_tps'] - 1):+.1f}% to decode time per token."
-    )
-    same = sum(
-        a.text == b.text
-        for a, b in zip(samples["llama-cpp-python"], samples["LocalModel.stream"], strict=True)
-    )
-    # Greedy decoding, yet a cached prefix evaluated in other batches can tip a close call.
-    print(f"same text from both in {same} of {options.runs} runs")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak resident memory of this process (two models mapped): {peak:.0f} MiB")
+    for spec in options.models.split(","):
+        await bench(spec, options)
     return 0
 
 

@@ -14,8 +14,14 @@ the expected shape (the right enum member, the nested fields present), or answer
 when no tool is expected. Only the first words of a text answer are read (the choice is
 made before its first token), so a text case costs a few tokens.
 
-Run: ``.venv/bin/python bench/tool_accuracy.py [--tools builtin|custom|both] [--model
-PATH.gguf] [--repeat N] [-v]``
+Then, unless ``--no-answers``, the question set of ``bench/answers.py`` goes through the
+agent with the built-in tools: whether the answers are right, and whether a general
+question that names a place or holds a number drew a call. Every model named in
+``--models`` (the pinned ``local`` and ``local:small``, or ``local:PATH.gguf``) runs all of
+it, one after the other, in one process.
+
+Run: ``.venv/bin/python bench/tool_accuracy.py [--models local,local:small] [--tools
+builtin|custom|both] [--repeat N] [--no-answers] [-v]``
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from enum import StrEnum
@@ -34,12 +40,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from chatstream.errors import ModelError
-from chatstream.messages import Message, ToolCallRequest
-from chatstream.models.base import TextDelta, ToolSpec
-from chatstream.models.local import LocalModel
-from chatstream.prompts import SYSTEM_PROMPT
-from chatstream.tools import ToolContext, default_tools, tool
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # ``python bench/tool_accuracy.py`` as well as ``-m``
+
+from bench.answers import run_questions  # noqa: E402
+
+from chatstream.errors import ModelError  # noqa: E402
+from chatstream.messages import Message, ToolCallRequest  # noqa: E402
+from chatstream.models.base import TextDelta, ToolSpec  # noqa: E402
+from chatstream.models.local import LocalModel  # noqa: E402
+from chatstream.models.weights import WEIGHTS  # noqa: E402
+from chatstream.prompts import SYSTEM_PROMPT  # noqa: E402
+from chatstream.tools import ToolContext, default_tools, tool  # noqa: E402
 
 Check = Callable[[dict[str, Any]], bool]
 
@@ -440,26 +452,20 @@ async def run_set(
     return right, total, time.perf_counter() - started
 
 
-async def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--tools", choices=("builtin", "custom", "both"), default="both", help="tool sets"
-    )
-    parser.add_argument("--model", type=Path, help="a GGUF file (default: the embedded model)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each set")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print every case")
-    options = parser.parse_args()
-    if options.verbose:
-        logging.basicConfig(format="    %(message)s")
-        logging.getLogger("chatstream.models.local").setLevel(logging.DEBUG)
+def local_model(spec: str, **options: Any) -> LocalModel:
+    """The local model a spec names: a pinned set of weights, or ``local:PATH.gguf``."""
+    if spec in WEIGHTS:
+        return LocalModel(weights=WEIGHTS[spec], **options)
+    return LocalModel(Path(spec.removeprefix("local:")), **options)
 
+
+async def run_model(spec: str, names: Sequence[str], options: argparse.Namespace) -> list[str]:
+    """Every set, then the answers, on one model; the lines to report."""
     # A call of the custom set takes up to about 100 tokens; text is cut short anyway.
-    model = LocalModel(options.model, max_tokens=256)
+    model = local_model(spec, max_tokens=256)
     started = time.perf_counter()
     await model.warm_up(())
-    print(f"model {model.name} loaded in {time.perf_counter() - started:.2f} s")
-    names = ["builtin", "custom"] if options.tools == "both" else [options.tools]
-    figures = []
+    figures = [f"loaded in {time.perf_counter() - started:.1f} s"]
     try:
         for name in names:
             right, total, seconds = await run_set(model, name, options.repeat, options.verbose)
@@ -468,11 +474,39 @@ async def main() -> int:
                 f"{name + ':':9} {right}/{total} right ({100 * right / total:.0f}%), "
                 f"{count} tools, {seconds:.0f} s"
             )
+        if options.answers:
+            summary = await run_questions(model, verbose=options.verbose)
+            figures += summary.lines()
     finally:
         await model.aclose()
-    print("tool choice and arguments right")
-    for line in figures:
-        print(f"  {line}")
+    return figures
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--tools", choices=("builtin", "custom", "both"), default="both", help="tool sets"
+    )
+    parser.add_argument(
+        "--models", default="local,local:small", help="local models, by commas (local:PATH.gguf)"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each set")
+    parser.add_argument(
+        "--no-answers", dest="answers", action="store_false", help="skip bench/answers.py"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="print every case")
+    options = parser.parse_args()
+    if options.verbose:
+        logging.basicConfig(format="    %(message)s")
+        logging.getLogger("chatstream.models.local").setLevel(logging.DEBUG)
+
+    names = ["builtin", "custom"] if options.tools == "both" else [options.tools]
+    report = {spec: await run_model(spec, names, options) for spec in options.models.split(",")}
+    print("tool choice and arguments right; answers right")
+    for spec, figures in report.items():
+        print(spec)
+        for line in figures:
+            print(f"  {line}")
     return 0
 
 

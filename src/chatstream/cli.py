@@ -94,7 +94,8 @@ def serve(
         str,
         typer.Option(
             envvar="CHATSTREAM_MODEL",
-            help="local | local:<file.gguf> | openai:<model> | anthropic:<model> | scripted[:<ms>]",
+            help="local (Qwen2.5-Coder-1.5B) | local:small (0.5B) | local:<file.gguf> | "
+            "openai:<model> | anthropic:<model> | scripted[:<ms>]",
         ),
     ] = "local",
     store: Annotated[

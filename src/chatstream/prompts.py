@@ -76,8 +76,14 @@ _SMALL_TALK = (
 )
 
 
-def local_tool_guide(tools: Iterable[ToolSpec]) -> str:
-    """Rules and worked examples for calling ``tools``, to append to the system prompt."""
+def local_tool_guide(tools: Iterable[ToolSpec], *, examples: bool = True) -> str:
+    """Rules for calling ``tools``, to append to the system prompt.
+
+    With ``examples``, worked example calls and small talk: the 0.5B follows examples far
+    better than rules. Without, a rule that says what to answer directly instead: the 1.5B
+    knows its template's call format, and the examples primed it into calling a tool for
+    questions that merely named a city (bench/tool_accuracy.py, bench/answers.py).
+    """
     tools = list(tools)
     lines = [
         "",
@@ -85,10 +91,12 @@ def local_tool_guide(tools: Iterable[ToolSpec]) -> str:
         "You cannot look these up or do them yourself, so your tools do them:",
         *(f"- {spec.name}: {_topic(spec)}" for spec in tools),
         "When the user asks for one of these, in any language, you call the tool instead "
-        "of guessing. For anything else you answer directly in plain text.",
-        "",
-        "Examples:",
+        "of guessing."
+        + (" For anything else you answer directly in plain text." if examples else _DIRECTLY),
     ]
+    if not examples:
+        return "\n".join(lines)
+    lines += ["", "Examples:"]
     for spec in tools:
         for question, arguments in _EXAMPLES.get(spec.name) or (_example(spec),):
             call = json.dumps({"name": spec.name, "arguments": arguments}, ensure_ascii=False)
@@ -96,6 +104,16 @@ def local_tool_guide(tools: Iterable[ToolSpec]) -> str:
     for question, answer in _SMALL_TALK:
         lines += [f"User: {question}", f"Assistant: {answer}"]
     return "\n".join(lines)
+
+
+# What a guide without examples says of everything else. Naming the kinds of question took
+# a Korean question about a train journey between two cities (and questions with numbers)
+# from a weather call down to a text answer.
+_DIRECTLY = (
+    " Answer anything else yourself, in plain text: knowledge, explanations, advice, travel "
+    "times and distances, history, small talk, also when the question names a place, a date "
+    "or a number."
+)
 
 
 def _topic(spec: ToolSpec) -> str:

@@ -1,6 +1,7 @@
 """Models behind one protocol, chosen by a spec string.
 
-``local`` (the embedded llama.cpp model, the default), ``local:<file.gguf>``,
+``local`` (the embedded llama.cpp model, the default: Qwen2.5-Coder-1.5B-Instruct),
+``local:small`` (the embedded 0.5B, for small machines), ``local:<file.gguf>``,
 ``openai:<model>``, ``anthropic:<model>``, ``scripted`` or ``scripted:<delay_ms>``.
 Each backend is imported only when asked for, so a missing optional package
 only matters to whoever names it.
@@ -47,8 +48,12 @@ def resolve(spec: str) -> Model:
             raise ValueError(
                 f"the local model needs llama-cpp-python: pip install 'chatstream[local]' ({exc})"
             ) from None
-        return LocalModel(Path(argument) if argument else None)
+        from chatstream.models.weights import WEIGHTS
+
+        # A file named like a pinned set is still reachable by its path: local:./small.
+        pinned = WEIGHTS.get(spec if argument else "local")
+        return LocalModel(weights=pinned) if pinned else LocalModel(Path(argument))
     raise ValueError(
-        f"unknown model spec {spec!r}; use local, local:<file.gguf>, openai:<model>, "
+        f"unknown model spec {spec!r}; use local, local:small, local:<file.gguf>, openai:<model>, "
         "anthropic:<model> or scripted"
     )

@@ -1,11 +1,11 @@
 """The embedded model: a GGUF file run in-process by llama.cpp, with no network and no key.
 
-``LocalModel()`` runs the pinned default weights (see ``weights.py``);
-``LocalModel(path)`` runs any GGUF with a chat template. The weights load lazily, on the
-first request, in the worker thread (0.3-1 s once the file is assembled; assembling it
-from the packages on the very first run adds a couple of seconds); ``await
-model.warm_up(tools, system_prompt=...)`` pays for it at startup instead, as the server
-does.
+``LocalModel()`` runs the pinned default weights, Qwen2.5-Coder-1.5B-Instruct;
+``LocalModel(weights=SMALL)`` the 0.5B (``local:small``; see ``weights.py``);
+``LocalModel(path)`` any GGUF with a chat template. The weights load lazily, on the first
+request, in the worker thread (1-3 s once the file is assembled; assembling it from the
+packages on the very first run adds a few seconds); ``await model.warm_up(tools,
+system_prompt=...)`` pays for it ahead, as the server does in the background at start.
 
 How it works, and where it departs from a hosted provider:
 
@@ -23,25 +23,33 @@ How it works, and where it departs from a hosted provider:
   the text grammar (it is drawn again under it when it does not), the rest is sampled
   freely at full speed and streamed token by token; a call is decoded greedily under the
   call grammar and never streamed as text.
+* Each set of weights has its own ``Tuning`` (sampling, the call threshold, which worked
+  examples the prompt shows), measured with the benches.
 * Tool results are folded into the user message of their turn, with a request to answer
-  and a few worked examples, not sent as the template's tool message: on the latter the
-  0.5B model called the tool again and again, or answered in JSON. A call that repeats one
-  already made in the same turn is dropped and the model answers in text instead.
+  (and, for the 0.5B, a few worked examples), not sent as the template's tool message: on
+  the latter the 0.5B model called the tool again and again, or answered in JSON. A call
+  that repeats one already made in the same turn is dropped and the model answers in text.
+* llama.cpp caches the last prompt, so a chat's next turn reads only its new message; when
+  another chat's turn would overwrite that cache, it is copied aside first and put back
+  for the chat's next turn (``_Snapshots``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import ctypes
 import functools
 import json
 import logging
+import os
 import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
 from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +63,7 @@ from chatstream.errors import ErrorCode, ModelError
 from chatstream.messages import Message, ToolCallRequest, model_text
 from chatstream.models import grammar
 from chatstream.models.base import ModelEvent, TextDelta, ToolSpec, Usage
-from chatstream.models.weights import default_model_path
+from chatstream.models.weights import DEFAULT, SMALL, Weights, model_path
 from chatstream.prompts import (
     SYSTEM_PROMPT,
     local_answer_examples,
@@ -70,10 +78,37 @@ log = logging.getLogger("chatstream.models.local")
 # speed (64: 5% on bench/local_model.py --tools); from 128 on it was within noise.
 _PREFILL_CHUNK = 128
 
-# A reply is a call when call-shaped tokens get at least this share of the first token's
-# probability (see ``LocalModel._call_intent``). On bench/tool_accuracy.py most calls score
-# 0.75-0.99 and most text 0.0-0.3; the few hard cases of both sit near 0.5.
-_CALL_THRESHOLD = 0.5
+
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    """How a model is sampled and prompted; measured per set of weights (``TUNINGS``)."""
+
+    # Of text replies; a call is always decoded greedily.
+    temperature: float
+    # A reply is a call when call-shaped tokens get at least this share of the first
+    # token's probability (see ``LocalModel._call_intent``).
+    call_threshold: float
+    # Whether the tool guide shows worked example calls, and whether a turn's answer
+    # from tool results is preceded by worked answers (see ``render``).
+    call_examples: bool
+    answer_examples: bool
+
+
+# Measured with bench/tool_accuracy.py and bench/answers.py on two cores (see the README).
+TUNINGS = {
+    # The 0.5B follows examples far better than rules: most calls score 0.75-0.99 with
+    # them and most text 0.0-0.3; the few hard cases of both sit near 0.5.
+    SMALL.spec: Tuning(
+        temperature=0.3, call_threshold=0.5, call_examples=True, answer_examples=True
+    ),
+    # The 1.5B: greedy text (factual answers came out no worse than at 0.3, and the same
+    # each time). With the 0.5B's example calls, a Korean question about a train between
+    # two cities scored 0.66 and called get_weather; without them, and with a rule on what
+    # to answer directly, intents run lower: the calls 0.40-0.96, text up to 0.33.
+    DEFAULT.spec: Tuning(
+        temperature=0.0, call_threshold=0.37, call_examples=False, answer_examples=True
+    ),
+}
 
 # Replies that only acknowledge or answer yes/no, compared without case, spaces or
 # punctuation. The tool guide primes this small model so strongly that a bare "ok" or "응"
@@ -88,6 +123,10 @@ _QUESTION_MARKS = ("?", "\uff1f", "\u304b\u3002")  # ?, fullwidth ?, Japanese ka
 
 # What the first character of each vocabulary entry says about a reply that starts with it.
 _NEUTRAL, _TEXT_SHAPED, _CALL_SHAPED = 0, 1, 2
+
+# A chat's cache is copied out before another chat's turn overwrites it when at least this
+# many of its tokens would be lost, and a copy is put back when it spares at least as many.
+_SNAPSHOT_MIN_TOKENS = 64
 
 # Used when a GGUF carries no chat template: ChatML, which most instruct models know.
 _CHATML = (
@@ -119,18 +158,23 @@ class LocalModel:
         self,
         path: Path | None = None,
         *,
+        weights: Weights = DEFAULT,
         n_ctx: int = 4096,
         max_tokens: int = 512,
         queue_limit: int = 8,
         n_threads: int | None = None,
-        temperature: float = 0.3,
+        temperature: float | None = None,
+        snapshot_bytes: int = 256 << 20,
     ) -> None:
-        self.name = "local" if path is None else f"local:{path}"
+        self.name = weights.spec if path is None else f"local:{path}"
         self.path = path
+        self.weights = weights
+        # Another GGUF is prompted as the default is: a model that follows rules.
+        self.tuning = TUNINGS[weights.spec]
         self.n_ctx = n_ctx
         self.max_tokens = max_tokens
-        self.n_threads = n_threads
-        self.temperature = temperature
+        self.n_threads = n_threads or _decode_threads()
+        self.temperature = self.tuning.temperature if temperature is None else temperature
         self.load_seconds: float | None = None
         self._turns = _TurnQueue(queue_limit)
         # Serialises every use of the llama.cpp objects across worker threads, even when a
@@ -140,6 +184,7 @@ class LocalModel:
         self._formatter: Jinja2ChatFormatter | None = None
         self._grammars: dict[str, LlamaGrammar] = {}
         self._shapes: npt.NDArray[np.int8] | None = None
+        self._snapshots = _Snapshots(snapshot_bytes)
         self._running: set[threading.Event] = set()
 
     async def warm_up(
@@ -228,7 +273,9 @@ class LocalModel:
         if tools:
             assert self._formatter is not None
             opening = [Message("system", system_prompt), Message("user", "")]
-            _prefill(llm, _prompt_tokens(llm, self._formatter, opening, tools, self.n_ctx), stop)
+            prompt = _prompt_tokens(llm, self._formatter, opening, tools, self.n_ctx, self.tuning)
+            self._snapshots.prepare(llm, prompt)
+            _prefill(llm, prompt, stop)
         return iter(())
 
     def _unload_job(self, stop: threading.Event) -> Iterator[ModelEvent]:
@@ -236,6 +283,7 @@ class LocalModel:
             self._llm.close()
         self._llm = self._formatter = self._shapes = None
         self._grammars.clear()
+        self._snapshots.clear()
         return iter(())
 
     def _loaded(self) -> llama_cpp.Llama:
@@ -243,7 +291,7 @@ class LocalModel:
         if self._llm is not None:
             return self._llm
         started = time.perf_counter()
-        path = self.path if self.path is not None else default_model_path()
+        path = self.path if self.path is not None else model_path(self.weights)
         if not path.is_file():
             raise ModelError(f"model file {path} does not exist")
         try:
@@ -263,13 +311,16 @@ class LocalModel:
         """One reply, in the worker thread: text deltas or one call, then usage."""
         llm = self._loaded()
         assert self._formatter is not None
-        prompt = _prompt_tokens(llm, self._formatter, messages, tools, self.n_ctx - self.max_tokens)
+        prompt = _prompt_tokens(
+            llm, self._formatter, messages, tools, self.n_ctx - self.max_tokens, self.tuning
+        )
+        self._snapshots.prepare(llm, prompt)
         if not _prefill(llm, prompt, stop):
             return
         completion = 0
         intent = self._call_intent(llm) if tools and not _acknowledges(messages) else 0.0
         log.debug("call intent %.2f", intent)
-        if intent >= _CALL_THRESHOLD:
+        if intent >= self.tuning.call_threshold:
             ids = self._call(llm, prompt, tools, stop)
             completion += len(ids)
             if stop.is_set():
@@ -376,8 +427,103 @@ class LocalModel:
         return compiled
 
 
+class _Snapshots:
+    """Copies of the context's cache for recent chats, so that a chat's turn resumes its own.
+
+    llama.cpp's context caches one token sequence: a turn of another chat overwrites it past
+    the system prompt they share, and the next turn of the first chat would read its whole
+    history again (about 15 s a thousand tokens for the default model on two cores). So
+    before that happens the cached sequence is copied out (``llama_state_seq_get_data``:
+    the KV cells alone, about 28 KB a token for the default, 12 KB for ``local:small``),
+    and a prompt that continues a copy further than the live cache does gets it put back
+    (a few milliseconds). At most ``capacity`` bytes are kept, least recently used first out.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[bytes, tuple[npt.NDArray[np.intc], Any, int]] = OrderedDict()
+        self._size = 0
+
+    def prepare(self, llm: llama_cpp.Llama, prompt: list[int]) -> None:
+        """Make the live cache the best start for ``prompt``: keep a copy of what it would
+        overwrite, and put back a copy that ``prompt`` continues further."""
+        if self.capacity <= 0:
+            return
+        wanted = np.asarray(prompt, dtype=np.intc)
+        kept = _common(llm.input_ids[: llm.n_tokens], wanted)
+        if llm.n_tokens - kept >= _SNAPSHOT_MIN_TOKENS:
+            self._save(llm)
+        best, reach = None, kept
+        for key, (tokens, _, _) in self._entries.items():
+            if (common := _common(tokens, wanted)) > reach:
+                best, reach = key, common
+        if best is not None and reach - kept >= _SNAPSHOT_MIN_TOKENS:
+            self._restore(llm, best)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._size = 0
+
+    def _save(self, llm: llama_cpp.Llama) -> None:
+        tokens = llm.input_ids[: llm.n_tokens].copy()
+        for key, (older, _, size) in list(self._entries.items()):
+            if len(older) <= len(tokens) and _common(older, tokens) == len(older):
+                del self._entries[key]  # this copy goes further: the older one is of no use
+                self._size -= size
+        size = int(llama_cpp.llama_state_seq_get_size(llm.ctx, 0))
+        if size > self.capacity:
+            return
+        buffer = (ctypes.c_uint8 * size)()
+        written = int(llama_cpp.llama_state_seq_get_data(llm.ctx, buffer, size, 0))
+        if written == 0:
+            return
+        self._entries[tokens.tobytes()] = (tokens, buffer, written)
+        self._size += written
+        while self._size > self.capacity:
+            _, (_, _, dropped) = self._entries.popitem(last=False)
+            self._size -= dropped
+
+    def _restore(self, llm: llama_cpp.Llama, key: bytes) -> None:
+        tokens, buffer, written = self._entries[key]
+        self._entries.move_to_end(key)
+        memory = llama_cpp.llama_get_memory(llm.ctx)
+        llama_cpp.llama_memory_seq_rm(memory, 0, -1, -1)
+        if llama_cpp.llama_state_seq_set_data(llm.ctx, buffer, written, 0) == 0:
+            # Refused (it should not be): forget the copy; the prompt is read from scratch.
+            log.warning("llama.cpp refused a cached chat state; reading the prompt again")
+            del self._entries[key]
+            self._size -= written
+            llm.n_tokens = 0
+            return
+        llm.input_ids[: len(tokens)] = tokens
+        llm.n_tokens = len(tokens)
+        # llama-cpp-python's mark for "these logits are not from a live decode".
+        llm._requires_eval = True
+        log.debug("resumed a cached chat of %d tokens", len(tokens))
+
+
+def _common(a: npt.NDArray[np.intc], b: npt.NDArray[np.intc]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
 # Held while llama.cpp's default model parameters are swapped out (see ``_llama``).
 _LOAD_LOCK = threading.Lock()
+
+
+def _decode_threads() -> int:
+    """Threads for decoding: every core this process may use, up to four; half beyond.
+
+    llama-cpp-python's default is half the cores, assuming two hyper-threads to a core: on
+    a two-core machine that decoded the default model at 7.8 tokens/s on one thread, and
+    at 13.5 on two (bench/local_model.py). Past four cores it keeps the half (unmeasured
+    here: hyper-threads are likelier there).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    return cores if cores <= 4 else cores // 2
 
 
 def _llama(path: Path, *, n_ctx: int, n_threads: int | None) -> llama_cpp.Llama:
@@ -461,10 +607,11 @@ def _prompt_tokens(
     messages: list[Message],
     tools: list[ToolSpec],
     budget: int,
+    tuning: Tuning,
 ) -> list[int]:
     """The prompt's tokens, dropping the oldest turns until it fits in ``budget``."""
     while True:
-        text = render(formatter, messages, tools)
+        text = render(formatter, messages, tools, tuning)
         bos = llm.detokenize([llm.token_bos()], special=True)
         encoded = text.encode("utf-8")
         tokens = llm.tokenize(encoded, add_bos=not encoded.startswith(bos), special=True)
@@ -481,11 +628,14 @@ def _prompt_tokens(
 
 
 def render(
-    formatter: Jinja2ChatFormatter, messages: Sequence[Message], tools: Sequence[ToolSpec]
+    formatter: Jinja2ChatFormatter,
+    messages: Sequence[Message],
+    tools: Sequence[ToolSpec],
+    tuning: Tuning = TUNINGS[DEFAULT.spec],
 ) -> str:
     """The prompt text: the conversation through the model's chat template."""
     chat = chat_messages(messages)
-    if _calls_this_turn(messages):
+    if tuning.answer_examples and _calls_this_turn(messages):
         # Examples of answering from results, just before the turn that has them: earlier
         # they would make the model answer questions in text that want a call, and here
         # the prompt still shares its whole history with the turn's first round (cache).
@@ -497,7 +647,7 @@ def render(
         ]
     if not tools:
         return _apply(formatter, chat, None)
-    guide = local_tool_guide(tools)
+    guide = local_tool_guide(tools, examples=tuning.call_examples)
     chat[0] = {**chat[0], "content": chat[0]["content"] + "\n" + guide}
     specs = [
         {

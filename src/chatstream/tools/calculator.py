@@ -118,7 +118,8 @@ async def calculate(ctx: ToolContext, expression: str) -> str:
         expression: Arithmetic written like Python, e.g. "(3 + 4) * 5" or "2 ** 10". Knows
             + - * / // % ** and parentheses, the constants pi, e and tau, and sqrt, abs,
             round, floor, ceil, min, max, sin, cos, tan (radians), log (natural, or
-            log(x, base)), log10, log2 and exp.
+            log(x, base)), log10, log2 and exp. A percentage is a fraction: 8% of 50 is
+            "0.08 * 50".
     """
     ctx.progress(f"Calculating {_shorten(expression)}")
     max_result = ctx.settings.calculate_max_result_chars
