@@ -46,6 +46,7 @@ from chatstream.server.schemas import (
     ToolCallOut,
     ToolListOut,
     ToolOut,
+    WarmUpOut,
 )
 from chatstream.server.sse import EventStream
 from chatstream.server.turns import CallerDep, acquire_slot, start_turn, validate_turn
@@ -449,13 +450,17 @@ async def health(request: Request, response: Response) -> HealthOut:
     coordinator = runtime.runs.coordinator
     # Where runs are shared (--runs) is needed as much as the store: without it no turn starts.
     store_ok, runs_ok = await asyncio.gather(runtime.store.ping(), coordinator.ping())
-    if not (store_ok and runs_ok):
+    # Warming up is no failure (a turn waits for the model); a warm-up that failed is.
+    warm = runtime.warm_up
+    model_ok = warm.status != "failed"
+    if not (store_ok and runs_ok and model_ok):
         response.status_code = 503
     return HealthOut(
-        status="ok" if store_ok and runs_ok else "degraded",
+        status="ok" if store_ok and runs_ok and model_ok else "degraded",
         version=__version__,
         uptimeSeconds=round(time.monotonic() - runtime.started_at, 3),
         model=runtime.model.name,
+        warmUp=WarmUpOut(status=warm.status, seconds=round(warm.seconds, 3), error=warm.error),
         store={"kind": runtime.store.name, "ok": store_ok},
         runs={"shared": not isinstance(coordinator, MemoryCoordinator), "ok": runs_ok},
         activeRuns=runtime.runs.active_count,

@@ -1,11 +1,14 @@
 """``build_runtime(settings)``: what a running server holds, opened in one place.
 
 It is an async context manager: everything it opens is closed on the way out, in reverse,
-also when start-up fails half-way (a model that cannot warm up closes the store it was
-opened with). The store URL names where sessions live: SQLite, Redis or PostgreSQL. The
+also when start-up fails half-way (an MCP server that cannot start closes what was opened
+before it). The store URL names where sessions live: SQLite, Redis or PostgreSQL. The
 runs URL (``--runs``) names the Redis where runs, locks, approvals and the stop button are
 shared between instances; without one, runs stay in this process, except that a Redis
 store shares its own Redis (one client, one connection pool, for both, closed after both).
+
+The model warms up in the background (``WarmUp``), so the server answers health and the
+page at once; a turn waits for the warm-up rather than failing while the weights load.
 
 Handlers reach the runtime through Starlette's lifespan state: ``create_app``'s lifespan
 yields ``{"runtime": …}`` and ``runtime_of(request)`` reads it back from ``request.state``.
@@ -13,20 +16,22 @@ yields ``{"runtime": …}`` and ``runtime_of(request)`` reads it back from ``req
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from starlette.requests import Request
 
 from chatstream.agent import Agent
 from chatstream.config import Settings
 from chatstream.coordinator import Coordinator
+from chatstream.messages import Message
 from chatstream.metrics import Metrics
-from chatstream.models import Model, resolve
+from chatstream.models import Model, ModelEvent, ToolSpec, resolve
 from chatstream.prompts import system_prompt_from
 from chatstream.runlog import RunLog
 from chatstream.runs import RunManager
@@ -43,6 +48,98 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("chatstream.server")
 
+WarmUpStatus = Literal["warming up", "ready", "failed"]
+
+
+class WarmUp:
+    """The model's warm-up, run in the background while the server already answers.
+
+    Health shows it; every model request waits for it, so the first turn of a fresh server
+    waits instead of failing. A failed warm-up is logged and shown in health, and requests
+    then go to the model anyway: it reports its own error to the turn (a missing weight
+    package, by name), or serves it once the cause is gone.
+    """
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.status: WarmUpStatus = "warming up"
+        self.error: str | None = None
+        self._started = time.monotonic()
+        self._ended: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, tools: Sequence[ToolSpec], *, system_prompt: str) -> None:
+        """Begin warming up, on the running loop; the model's blocking work is in its thread."""
+        self._started = time.monotonic()
+        self._task = asyncio.create_task(
+            self._run(list(tools), system_prompt), name="chatstream-warm-up"
+        )
+
+    @property
+    def seconds(self) -> float:
+        """How long the warm-up took, or has taken so far."""
+        return (self._ended or time.monotonic()) - self._started
+
+    @property
+    def over(self) -> bool:
+        """Whether the warm-up has ended, however it ended."""
+        return self._task is not None and self._task.done()
+
+    async def wait(self) -> None:
+        """Return once the warm-up is over, however it ended."""
+        if self._task is not None and not self._task.done():
+            # Shielded: a turn cancelled while it waits must not cancel the warm-up.
+            await asyncio.shield(self._task)
+
+    async def close(self) -> None:
+        """Stop a warm-up still running (the server is shutting down)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self, tools: list[ToolSpec], system_prompt: str) -> None:
+        try:
+            await self.model.warm_up(tools, system_prompt=system_prompt)
+        except Exception as exc:
+            self.status, self.error = "failed", str(exc) or type(exc).__name__
+            log.error("model %s could not warm up: %s", self.model.name, self.error)
+        else:
+            self.status = "ready"
+            log.info("model %s ready in %.1f s", self.model.name, self.seconds)
+        finally:
+            self._ended = time.monotonic()
+
+
+class _AfterWarmUp:
+    """The model as the agent drives it: each request first waits for the warm-up."""
+
+    def __init__(self, warm: WarmUp) -> None:
+        self._warm = warm
+        self.name = warm.model.name
+
+    def stream(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+    ) -> AsyncGenerator[ModelEvent, None]:
+        if self._warm.over:
+            # The model's own stream: no hop per token once the warm-up is behind us.
+            return self._warm.model.stream(messages, tools)
+        return self._after_warm_up(messages, tools)
+
+    async def _after_warm_up(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+    ) -> AsyncGenerator[ModelEvent, None]:
+        await self._warm.wait()
+        async with aclosing(self._warm.model.stream(messages, tools)) as events:
+            async for event in events:
+                yield event
+
+    async def warm_up(self, tools: Sequence[ToolSpec], *, system_prompt: str) -> None:
+        await self._warm.wait()
+
+    async def aclose(self) -> None:
+        """Nothing: the runtime closes the model it wraps."""
+
 
 @dataclass(slots=True)
 class Runtime:
@@ -57,6 +154,8 @@ class Runtime:
     keys: KeyRing
     turn_rate: TurnRate
     slots: StreamSlots
+    # The model's warm-up, in the background: health shows it, turns wait for it.
+    warm_up: WarmUp
     started_at: float
     # The MCP servers whose tools are offered (None without --mcp): health shows them.
     mcp: McpServers | None = None
@@ -111,8 +210,9 @@ async def build_runtime(
         registry = _registry(settings, tools)
         mcp = await _start_mcp(settings, registry, stack)
         store, run_log, coordinator = await _open_backend(settings, stack)
+        warm_up = WarmUp(model)
         agent = Agent(
-            model,
+            _AfterWarmUp(warm_up),
             registry,
             max_tool_rounds=settings.turns.max_tool_rounds,
             tool_settings=settings.tooling,
@@ -146,13 +246,14 @@ async def build_runtime(
                 settings.limits.max_streams_total,
                 on_change=metrics.active_streams.set,
             ),
+            warm_up=warm_up,
             started_at=time.monotonic(),
         )
-        # The embedded model loads its weights and reads the system prompt once here, so
-        # the first user does not wait for it (a few seconds on two cores).
-        started = time.monotonic()
-        await model.warm_up(registry.specs(), system_prompt=agent.system_prompt)
-        log.info("model %s ready in %.1f s", model.name, time.monotonic() - started)
+        # The embedded model loads its weights and reads the system prompt (about 25 s on
+        # two cores for the default) while the server already answers; stopped first on
+        # the way out, before the model closes.
+        warm_up.start(registry.specs(), system_prompt=agent.system_prompt)
+        stack.push_async_callback(warm_up.close)
         yield runtime
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
@@ -176,11 +176,21 @@ class ToolListOut(BaseModel):
     count: int
 
 
+class WarmUpOut(BaseModel):
+    status: Literal["warming up", "ready", "failed"]
+    seconds: float = Field(description="How long the warm-up took, or has taken so far")
+    error: str | None = None
+
+
 class HealthOut(BaseModel):
     status: str
     version: str
     uptimeSeconds: float
     model: str
+    warmUp: WarmUpOut = Field(
+        description='The model\'s warm-up: "warming up" while the weights load (turns wait '
+        'for it), then "ready", or "failed" with the error (health is then "degraded")'
+    )
     store: dict[str, Any]
     runs: dict[str, Any] = Field(
         default_factory=dict,
