@@ -24,7 +24,9 @@ How it works, and where it departs from a hosted provider:
   freely at full speed and streamed token by token; a call is decoded greedily under the
   call grammar and never streamed as text.
 * Each set of weights has its own ``Tuning`` (sampling, the call threshold, which worked
-  examples the prompt shows), measured with the benches.
+  examples the prompt shows, whether a text reply sees the tools), measured with the
+  benches. The default's text replies are written from the conversation without the tools:
+  the call decision is read from one prompt, the text from another, each cached.
 * Tool results are folded into the user message of their turn, with a request to answer
   (and, for the 0.5B, a few worked examples), not sent as the template's tool message: on
   the latter the 0.5B model called the tool again and again, or answered in JSON. A call
@@ -92,6 +94,10 @@ class Tuning:
     # from tool results is preceded by worked answers (see ``render``).
     call_examples: bool
     answer_examples: bool
+    # Whether a text reply is written with the tools in the prompt (the prompt the call
+    # decision was read from) or from the same conversation without them (a second prompt,
+    # which costs reading each turn's new messages twice).
+    text_sees_tools: bool = True
 
 
 # Measured with bench/tool_accuracy.py and bench/answers.py on two cores (see the README).
@@ -105,8 +111,15 @@ TUNINGS = {
     # each time). With the 0.5B's example calls, a Korean question about a train between
     # two cities scored 0.66 and called get_weather; without them, and with a rule on what
     # to answer directly, intents run lower: the calls 0.40-0.96, text up to 0.33.
+    # Its text is written without the tools in sight: with them, bench/answers.py got 15
+    # of 24 right (travel-time questions were answered with a JSON call written as text),
+    # without them 18.
     DEFAULT.spec: Tuning(
-        temperature=0.0, call_threshold=0.37, call_examples=False, answer_examples=True
+        temperature=0.0,
+        call_threshold=0.37,
+        call_examples=False,
+        answer_examples=True,
+        text_sees_tools=False,
     ),
 }
 
@@ -125,8 +138,9 @@ _QUESTION_MARKS = ("?", "\uff1f", "\u304b\u3002")  # ?, fullwidth ?, Japanese ka
 _NEUTRAL, _TEXT_SHAPED, _CALL_SHAPED = 0, 1, 2
 
 # A chat's cache is copied out before another chat's turn overwrites it when at least this
-# many of its tokens would be lost, and a copy is put back when it spares at least as many.
-_SNAPSHOT_MIN_TOKENS = 64
+# many of its tokens would be lost, and a copy is put back when it spares at least as many
+# (half a second of reading on two cores; a copy of that many costs about a millisecond).
+_SNAPSHOT_MIN_TOKENS = 32
 
 # Used when a GGUF carries no chat template: ChatML, which most instruct models know.
 _CHATML = (
@@ -273,9 +287,14 @@ class LocalModel:
         if tools:
             assert self._formatter is not None
             opening = [Message("system", system_prompt), Message("user", "")]
-            prompt = _prompt_tokens(llm, self._formatter, opening, tools, self.n_ctx, self.tuning)
-            self._snapshots.prepare(llm, prompt)
-            _prefill(llm, prompt, stop)
+            # The text prompt first, so that the tools' (read first by every turn) stays live.
+            offers = [tools] if self.tuning.text_sees_tools else [[], tools]
+            for offered in offers:
+                prompt = _prompt_tokens(
+                    llm, self._formatter, opening, offered, self.n_ctx, self.tuning
+                )
+                self._snapshots.prepare(llm, prompt)
+                _prefill(llm, prompt, stop)
         return iter(())
 
     def _unload_job(self, stop: threading.Event) -> Iterator[ModelEvent]:
@@ -337,8 +356,17 @@ class LocalModel:
                 return
             # The same call again, whose result the model already has: answer in text.
             log.info("dropped a repeated call of %s; asking for a text reply", name)
+        read = len(prompt)
+        if tools and not self.tuning.text_sees_tools:
+            prompt = _prompt_tokens(
+                llm, self._formatter, messages, [], self.n_ctx - self.max_tokens, self.tuning
+            )
+            self._snapshots.prepare(llm, prompt)
+            if not _prefill(llm, prompt, stop):
+                return
+            read += len(prompt)
         completion += yield from self._text(llm, prompt, stop)
-        yield Usage(prompt_tokens=len(prompt), completion_tokens=completion)
+        yield Usage(prompt_tokens=read, completion_tokens=completion)
 
     def _call_intent(self, llm: llama_cpp.Llama) -> float:
         """How much of the next-token probability goes to call-shaped tokens rather than text.
