@@ -11,9 +11,10 @@ Every model named in ``--models`` (the pinned ``local`` and ``local:small``, or
   the head of the system prompt makes every prompt new), medians; time to first token
   there includes reading the whole prompt;
 - time to first token of a chat's first turn (the system prompt cached, as on a server),
-  of its follow-up turn, and of a follow-up after another chat's turn came between
-  (whose cache the local model keeps aside and puts back), and that last one again with
-  the model's chat snapshots turned off, as before they existed.
+  of its follow-up turn (``READING_S`` after the answer, as a person reads it), and of
+  a follow-up after another chat's turn came between (whose cache the local model keeps
+  aside and puts back), and that last one again with the model's chat snapshots turned
+  off, as before they existed.
 
 ``--direct`` adds the comparison with llama-cpp-python on its own on the same prompt
 tokens, greedy both: what ``LocalModel.stream`` (thread bridge, queue, grammar) costs.
@@ -58,6 +59,9 @@ CHAT = (
     "What about its brakes?",
 )
 OTHER_CHAT = "Describe how a refrigerator keeps food cold."
+# Between a chat's turns a person reads the answer; the default model uses that time to
+# read the answer into its tool prompt's cache (``LocalModel._catch_up``).
+READING_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,8 @@ async def turns(measure: Measure, tag: str) -> dict[str, Sample]:
     chat: list[Message] = [Message("system", SYSTEM_PROMPT)]
     found: dict[str, Sample] = {}
     for index, question in enumerate(CHAT):
+        if index:
+            await asyncio.sleep(READING_S)
         if index == 2:
             other = [Message("system", SYSTEM_PROMPT), m.user(f"{OTHER_CHAT} ({tag})")]
             found["other chat"] = await measure(other)

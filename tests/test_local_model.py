@@ -38,6 +38,7 @@ from chatstream.models.local import (
     ModelBusyError,
     _acknowledges,
     _formatter,
+    _prompt_tokens,
     chat_messages,
     render,
 )
@@ -206,6 +207,23 @@ async def test_the_default_model_answers_knows_when_to_call_and_writes_percentag
         answer = "".join(e.text for e in train if isinstance(e, TextDelta))
         assert "시간" in answer, answer
         assert "```" not in answer and '"name"' not in answer, answer
+
+        # Once the answer is out, the prompt with the tools (from which the next turn's call
+        # decision is read) catches up on it, so the follow-up reads only its new message.
+        follow_up = conversation(
+            m.user("서울에서 부산까지 KTX로 얼마나 걸려?"),
+            m.assistant(answer),
+            m.user("비행기로는?"),
+        )
+        assert await asyncio.to_thread(default._llm_lock.acquire, timeout=60)
+        default._llm_lock.release()
+        llm, formatter = default._llm, default._formatter
+        assert llm is not None and formatter is not None
+        prompt = _prompt_tokens(llm, formatter, follow_up, TOOLS, 4096, default.tuning)
+        cached = llama_cpp.Llama.longest_token_prefix(
+            llm.input_ids[: llm.n_tokens].tolist(), prompt
+        )
+        assert len(prompt) - cached < 24, (len(prompt), cached)
 
         # "15% of 240" once came out as calculate("15 / 240"); the tool says how to write it.
         share = await collect(default.stream(conversation(m.user("What's 15% of 240?")), TOOLS))

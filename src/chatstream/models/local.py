@@ -26,7 +26,9 @@ How it works, and where it departs from a hosted provider:
 * Each set of weights has its own ``Tuning`` (sampling, the call threshold, which worked
   examples the prompt shows, whether a text reply sees the tools), measured with the
   benches. The default's text replies are written from the conversation without the tools:
-  the call decision is read from one prompt, the text from another, each cached.
+  the call decision is read from one prompt, the text from another, each cached; once a
+  reply is out, the worker reads it into the first prompt's cache too (``_catch_up``),
+  until another request wants the model.
 * Tool results are folded into the user message of their turn, with a request to answer
   (and, for the 0.5B, a few worked examples), not sent as the template's tool message: on
   the latter the 0.5B model called the tool again and again, or answered in JSON. A call
@@ -79,6 +81,9 @@ log = logging.getLogger("chatstream.models.local")
 # chunk (about 0.6 s on two cores) instead of the whole prompt. Smaller chunks cost prompt
 # speed (64: 5% on bench/local_model.py --tools); from 128 on it was within noise.
 _PREFILL_CHUNK = 128
+# A catch-up read after a reply (``LocalModel._catch_up``) gives way to the next request
+# between smaller chunks: at most about half a second of the default's reading.
+_CATCH_UP_CHUNK = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +205,13 @@ class LocalModel:
         self._shapes: npt.NDArray[np.int8] | None = None
         self._snapshots = _Snapshots(snapshot_bytes)
         self._running: set[threading.Event] = set()
+        # The tool prompt a text reply written without the tools left unread (the reply
+        # itself), read after the reply has ended, until another request wants the model.
+        self._behind: list[int] | None = None
+        # Set while any worker waits for the model: a catch-up stops for it.
+        self._wanted = threading.Event()
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
 
     async def warm_up(
         self, tools: Sequence[ToolSpec] = (), *, system_prompt: str = SYSTEM_PROMPT
@@ -246,16 +258,24 @@ class LocalModel:
                 stop.set()
 
         def work() -> None:
-            try:
-                with self._llm_lock:
+            with self._waiting_lock:
+                self._waiting += 1
+                self._wanted.set()  # a catch-up still reading gives the model up
+            with self._llm_lock:
+                with self._waiting_lock:
+                    self._waiting -= 1
+                    if not self._waiting:
+                        self._wanted.clear()
+                try:
                     for event in job(stop):
                         if stop.is_set():
                             break
                         emit(event)
-            except Exception as exc:  # handed to the consumer, raised there
-                emit(exc)
-            finally:
-                emit(None)
+                except Exception as exc:  # handed to the consumer, raised there
+                    emit(exc)
+                finally:
+                    emit(None)
+                self._catch_up()
 
         thread = threading.Thread(target=work, name="chatstream-local-model", daemon=True)
         self._running.add(stop)
@@ -297,7 +317,25 @@ class LocalModel:
                 _prefill(llm, prompt, stop)
         return iter(())
 
+    def _catch_up(self) -> None:
+        """Read what a text reply left unread into the tool prompt's cache, after the reply.
+
+        It runs in the worker thread once the consumer has its last event, while the
+        person reads the answer, so that the next turn's call decision reads only its new
+        message; a request that comes first stops it within one small chunk, and its
+        prompt then reads the rest (nothing read is lost).
+        """
+        prompt, self._behind = self._behind, None
+        if prompt is None or self._llm is None:
+            return
+        try:
+            self._snapshots.prepare(self._llm, prompt)
+            _prefill(self._llm, prompt, self._wanted, chunk=_CATCH_UP_CHUNK)
+        except Exception as exc:  # nobody is waiting for it: the next turn reads it instead
+            log.warning("reading a reply into the tool prompt's cache failed: %r", exc)
+
     def _unload_job(self, stop: threading.Event) -> Iterator[ModelEvent]:
+        self._behind = None
         if self._llm is not None:
             self._llm.close()
         self._llm = self._formatter = self._shapes = None
@@ -356,17 +394,24 @@ class LocalModel:
                 return
             # The same call again, whose result the model already has: answer in text.
             log.info("dropped a repeated call of %s; asking for a text reply", name)
-        read = len(prompt)
-        if tools and not self.tuning.text_sees_tools:
-            prompt = _prompt_tokens(
-                llm, self._formatter, messages, [], self.n_ctx - self.max_tokens, self.tuning
-            )
-            self._snapshots.prepare(llm, prompt)
-            if not _prefill(llm, prompt, stop):
-                return
-            read += len(prompt)
-        completion += yield from self._text(llm, prompt, stop)
-        yield Usage(prompt_tokens=read, completion_tokens=completion)
+        if not tools or self.tuning.text_sees_tools:
+            completion += yield from self._text(llm, prompt, stop)
+            yield Usage(prompt_tokens=len(prompt), completion_tokens=completion)
+            return
+        budget = self.n_ctx - self.max_tokens
+        text_prompt = _prompt_tokens(llm, self._formatter, messages, [], budget, self.tuning)
+        self._snapshots.prepare(llm, text_prompt)
+        if not _prefill(llm, text_prompt, stop):
+            return
+        answer: list[str] = []
+        completion += yield from _recorded(self._text(llm, text_prompt, stop), answer)
+        if stop.is_set():
+            return
+        # The next turn's call decision reads the tool prompt, which has not seen this
+        # reply: have it read after the reply (``_catch_up``) instead of before the next.
+        replied = [*messages, Message("assistant", "".join(answer))]
+        self._behind = _prompt_tokens(llm, self._formatter, replied, tools, budget, self.tuning)
+        yield Usage(prompt_tokens=len(prompt) + len(text_prompt), completion_tokens=completion)
 
     def _call_intent(self, llm: llama_cpp.Llama) -> float:
         """How much of the next-token probability goes to call-shaped tokens rather than text.
@@ -530,6 +575,23 @@ class _Snapshots:
         log.debug("resumed a cached chat of %d tokens", len(tokens))
 
 
+def _recorded(
+    deltas: Generator[TextDelta, None, int], into: list[str]
+) -> Generator[TextDelta, None, int]:
+    """``deltas`` passed on, their text appended to ``into``; returns what ``deltas`` does."""
+    try:
+        while True:
+            try:
+                delta = next(deltas)
+            except StopIteration as end:
+                count: int = end.value
+                return count
+            into.append(delta.text)
+            yield delta
+    finally:
+        deltas.close()
+
+
 def _common(a: npt.NDArray[np.intc], b: npt.NDArray[np.intc]) -> int:
     """How many leading tokens ``a`` and ``b`` share."""
     n = min(len(a), len(b))
@@ -586,21 +648,23 @@ def _ends(llm: llama_cpp.Llama, token: int) -> bool:
     return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token))
 
 
-def _prefill(llm: llama_cpp.Llama, prompt: list[int], stop: threading.Event) -> bool:
+def _prefill(
+    llm: llama_cpp.Llama, prompt: list[int], stop: threading.Event, chunk: int = _PREFILL_CHUNK
+) -> bool:
     """Evaluate ``prompt`` past its cached prefix in chunks; False when stopped on the way.
 
     Afterwards the model's logits are those for the token after ``prompt``.
     """
     cached = llama_cpp.Llama.longest_token_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt)
-    ends = [*range(cached + _PREFILL_CHUNK, len(prompt), _PREFILL_CHUNK), len(prompt)]
+    ends = [*range(cached + chunk, len(prompt), chunk), len(prompt)]
     for end in ends:
         if stop.is_set():
             return False
         # generate() evaluates what is not cached yet, then samples a token, which is
         # dropped: the next call reuses the evaluated prefix (llama.cpp's prefix cache).
-        chunk = llm.generate(prompt[:end], temp=0.0)
-        next(chunk)
-        chunk.close()
+        tokens = llm.generate(prompt[:end], temp=0.0)
+        next(tokens)
+        tokens.close()
     return not stop.is_set()
 
 
