@@ -689,6 +689,43 @@ def test_the_default_model_is_prompted_without_example_calls(vocabulary: Any) ->
         assert f'"{spec.name}"' in default
 
 
+def test_a_chat_longer_than_the_context_keeps_its_newest_turns_that_fit(
+    vocabulary: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    formatter = _formatter(vocabulary)
+    tuning = TUNINGS[weights.DEFAULT.spec]
+    # 99 turns of about 700 tokens (a 30,000-character message is allowed), then a short one.
+    history = conversation(m.assistant("안녕하세요!"))
+    for n in range(99):
+        history += [m.user(f"turn {n}: " + "word " * 700), m.assistant(f"reply {n}")]
+    history.append(m.user("and now?"))
+    renders = 0
+
+    def counted(*args: Any, **kwargs: Any) -> str:
+        nonlocal renders
+        renders += 1
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr("chatstream.models.local.render", counted)
+    prompt = _prompt_tokens(vocabulary, formatter, history, TOOLS, 3584, tuning)
+    text = vocabulary.detokenize(prompt, special=True).decode()
+
+    assert len(prompt) <= 3584
+    assert text.count("You are Chatstream") == 1 and "and now?" in text
+    # Whole turns, the newest first: 96, 97 and 98 fit, and one more would not have.
+    assert "안녕하세요" not in text and "turn 95:" not in text
+    assert all(f"turn {n}: " in text and f"reply {n}" in text for n in (96, 97, 98))
+    kept = conversation(*history[-7:])
+    longer = conversation(*history[-9:])
+    assert prompt == vocabulary.tokenize(
+        render(formatter, kept, TOOLS, tuning).encode(), add_bos=False, special=True
+    )
+    assert len(vocabulary.tokenize(render(formatter, longer, TOOLS, tuning).encode())) > 3584
+    # A few renders of about the budget's size, not one of the whole chat per turn dropped
+    # (which took over two minutes a prompt for a chat like this with long messages).
+    assert renders <= 16, renders
+
+
 def test_example_arguments_fill_what_the_schema_requires() -> None:
     schema = create_event.spec.parameters
 
