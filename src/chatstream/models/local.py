@@ -694,8 +694,9 @@ def _formatter(llm: llama_cpp.Llama) -> Jinja2ChatFormatter:
 
 
 # A conversation this many times longer, in characters, than the prompt's token budget is not
-# tried whole: a Qwen token is one to four characters of text, so it cannot fit, and rendering
-# and tokenizing a long chat's megabytes took seconds a prompt.
+# tried whole first: a Qwen token is one to four characters of text, so it hardly ever fits,
+# and rendering and tokenizing a long chat's megabytes took seconds a prompt. The search from
+# the newest turn finds the same cut either way.
 _CHARS_PER_TOKEN_BOUND = 8
 
 
