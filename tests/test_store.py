@@ -102,6 +102,19 @@ async def test_delete_removes_the_session(store: SessionStore) -> None:
     assert [s.id for s in await store.list()] == []
 
 
+async def test_ids_that_extend_one_another_are_separate_sessions(store: SessionStore) -> None:
+    # Ids may hold ':'; "x:log" once named the key of "x"'s messages in Redis.
+    await store.append(SessionRef("", "x"), [m.user("of x"), m.assistant("hi")])
+    await store.append(SessionRef("", "x:log"), [m.user("of x:log"), m.assistant("hi")])
+    assert await store.delete(SessionRef("", "y")) is False
+    await store.append(SessionRef("", "y:log"), [m.user("of y:log"), m.assistant("hi")])
+    assert await store.delete(SessionRef("", "y")) is False
+    for name in ("x", "x:log", "y:log"):
+        loaded = await store.load(SessionRef("", name))
+        assert loaded is not None
+        assert [x.content for x in loaded.messages] == [f"of {name}", "hi"]
+
+
 async def test_list_is_most_recent_first(store: SessionStore) -> None:
     for name in ("a", "b", "c"):
         await store.append(SessionRef("", name), [m.user(f"hello {name}"), m.assistant("hi")])

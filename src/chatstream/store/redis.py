@@ -4,7 +4,8 @@ Keys (``<prefix>`` defaults to ``chatstream``):
 
 * ``<prefix>:session:<id>``        hash: created_at, last_activity, title, and fence (the
                                    token of its last fenced write)
-* ``<prefix>:session:<id>:log``    list of messages as JSON, in order
+* ``<prefix>:session-log:<id>``    list of messages as JSON, in order (not ``…:<id>:log``:
+                                   an id may hold ':', and ``X:log``'s hash would be ``X``'s list)
 * ``<prefix>:sessions``            sorted set of session ids by last activity
 * ``<prefix>:write:<token>``        marks one ``append`` as done, for a minute
 
@@ -161,6 +162,9 @@ class RedisStore:
     def _session(self, session_id: str) -> str:
         return f"{self.prefix}:session:{session_id}"
 
+    def _log(self, session_id: str) -> str:
+        return f"{self.prefix}:session-log:{session_id}"
+
     def _index(self, owner: str) -> str:
         """The sorted set of one owner's sessions by last activity."""
         return f"{self.prefix}:sessions:{owner}" if owner else f"{self.prefix}:sessions"
@@ -178,7 +182,7 @@ class RedisStore:
         key = self._session(session_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hgetall(key)
-            pipe.lrange(f"{key}:log", 0, -1)
+            pipe.lrange(self._log(session_id), 0, -1)
             meta, bodies = await pipe.execute()
         return meta, bodies
 
@@ -215,7 +219,7 @@ class RedisStore:
         owner, public_id = ref.owner, ref.id
         keys = [
             key,
-            f"{key}:log",
+            self._log(session_id),
             self._index(owner),
             f"{self.prefix}:write:{secrets.token_hex(8)}",
         ]
@@ -251,7 +255,7 @@ class RedisStore:
         key = self._session(session_id)
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(key, f"{key}:log")
+                pipe.delete(key, self._log(session_id))
                 pipe.zrem(self._index(ref.owner), ref.id)
                 deleted, _ = await pipe.execute()
         except (RedisError, OSError) as exc:
@@ -264,9 +268,9 @@ class RedisStore:
             ids = cast("list[bytes]", await self.redis.zrevrange(self._index(owner), 0, limit - 1))
             async with self.redis.pipeline(transaction=False) as pipe:
                 for raw in ids:
-                    key = self._session(SessionRef(owner, raw.decode()).key)
-                    pipe.hgetall(key)
-                    pipe.llen(f"{key}:log")
+                    session_id = SessionRef(owner, raw.decode()).key
+                    pipe.hgetall(self._session(session_id))
+                    pipe.llen(self._log(session_id))
                 replies: list[Any] = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise unavailable("listing sessions", exc) from exc
