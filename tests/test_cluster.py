@@ -100,6 +100,14 @@ async def test_the_run_status_on_b_counts_the_events_a_has_logged(
         assert status["lastSeq"] >= 40
         on_a = (await http.get(f"{a.url}/api/chat/runs/{run_id}")).json()
         assert on_a["lastSeq"] - status["lastSeq"] < 30  # behind by one batch at most
+        # Redis keeps the run's parts under keys that extend its id: none of them is a run.
+        for part in (f"{run_id}:log", f"{run_id}:approvals"):
+            for response in (
+                await http.get(f"{b.url}/api/chat/runs/{part}"),
+                await http.post(f"{b.url}/api/chat/runs/{part}/cancel"),
+            ):
+                assert response.status_code == 404, response.text
+                assert response.json()["error"]["code"] == "RUN_NOT_FOUND"
         await http.post(f"{a.url}/api/chat/runs/{run_id}/cancel")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Sequence
@@ -222,8 +223,19 @@ def wire_state(status: RunStatus) -> str:
     return status.state.value
 
 
+# What ``new_run_id`` makes (with room for longer ids). Ids from a URL or a client's body
+# are looked up only when they match: shared state files a run's parts under keys that
+# extend its id ("<run>:log"), so another string could name one of them.
+RUN_ID = re.compile(r"run_[0-9a-f]{1,64}")
+
+
 def new_run_id() -> str:
     return "run_" + secrets.token_hex(8)
+
+
+def is_run_id(text: str) -> bool:
+    """Whether ``text`` could be a run's id."""
+    return RUN_ID.fullmatch(text) is not None
 
 
 def new_session_id() -> str:
@@ -333,6 +345,8 @@ class RunManager:
         None when nothing is left to read: the run is unknown, expired, another caller's
         (as if it did not exist), or already read to its end.
         """
+        if not is_run_id(run_id):
+            return None
         run = self._runs.get(run_id)
         if run is not None:
             if not run.session.owned_by(caller):
@@ -698,6 +712,8 @@ class RunManager:
     async def cancel(self, run_id: str, *, caller: str) -> tuple[RunStatus, bool] | None:
         """Stop a run wherever it runs and wait for its end: its state, and whether this
         request stopped it; None when no such run is known (to this caller)."""
+        if not is_run_id(run_id):
+            return None
         run = self._runs.get(run_id)
         if run is not None:
             if not run.session.owned_by(caller):
@@ -742,6 +758,8 @@ class RunManager:
         return status
 
     async def _live_status(self, run_id: str, *, caller: str) -> RunStatus | None:
+        if not is_run_id(run_id):
+            return None
         run = self._runs.get(run_id)
         if run is not None:
             return run.status if run.session.owned_by(caller) else None

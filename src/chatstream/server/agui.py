@@ -28,7 +28,6 @@ Departures from what an AG-UI consumer might expect, on purpose:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +46,7 @@ from chatstream.events import (
     dumps,
 )
 from chatstream.runlog import Entry, Reader
+from chatstream.runs import is_run_id
 from chatstream.server.relay import DATA_EVENT_SCHEMA, Rounds
 from chatstream.server.runtime import runtime_of
 from chatstream.server.schemas import ErrorOut, Text
@@ -61,7 +61,6 @@ from chatstream.server.turns import (
 
 router = APIRouter(tags=["frontends"])
 PROTOCOL_VERSION = "1.0"
-RUN_ID = re.compile(r"run_[0-9a-f]{1,64}")
 # What the answer to an approval's interrupt holds.
 APPROVAL_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -355,7 +354,7 @@ async def agui_run(request: Request, caller: CallerDep, body: RunAgentIn) -> Res
             continues=continued is None,
         )
         return _response(request, reader, encoder, acquire_slot(request, caller, reader))
-    if RUN_ID.fullmatch(body.runId):
+    if is_run_id(body.runId):
         reader = await runs.open(body.runId, 0, caller=caller.id)
         if reader is not None:
             encoder = AguiEncoder(body.runId, reader.log.session.id)
@@ -402,7 +401,7 @@ def _answers(resume: list[ResumeIn]) -> tuple[str, list[tuple[str, bool, str | N
     answers = []
     for entry in resume:
         run_id, sep, call_id = entry.interruptId.partition(":")
-        if not sep or not call_id or not RUN_ID.fullmatch(run_id):
+        if not sep or not call_id or not is_run_id(run_id):
             raise InvalidRequest(
                 f"`resume`: interrupt id {entry.interruptId!r} is not one this server sent "
                 "(<runId>:<callId>)."

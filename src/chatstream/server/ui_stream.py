@@ -26,7 +26,6 @@ Departures from what the SDK's own server writes, on purpose:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
@@ -45,6 +44,7 @@ from chatstream.events import (
     dumps,
 )
 from chatstream.runlog import Entry, Reader
+from chatstream.runs import is_run_id
 from chatstream.server.auth import Caller
 from chatstream.server.relay import DATA_EVENT_SCHEMA, Rounds
 from chatstream.server.runtime import runtime_of
@@ -59,7 +59,6 @@ from chatstream.server.turns import (
 )
 
 router = APIRouter(tags=["frontends"])
-RUN_ID = re.compile(r"run_[0-9a-f]{1,64}")
 _DONE = b"data: [DONE]\n\n"
 _TEXT_END = b'data: {"type":"text-end","id":"%s"}\n\n'
 _START_STEP = b'data: {"type":"start-step"}\n\n'
@@ -354,7 +353,7 @@ async def ui_chat(request: Request, caller: CallerDep, body: UIChatIn) -> Respon
             "`messages`: the last message must be the user's new message, or the assistant "
             "message whose tool parts answer approvals (state `approval-responded`)."
         )
-    run_id = last.id if RUN_ID.fullmatch(last.id) else None
+    run_id = last.id if is_run_id(last.id) else None
     if run_id is None:
         run_id = await runtime.runs.active_run_id(caller.session(session_id))
     if run_id is None:
