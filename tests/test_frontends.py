@@ -581,6 +581,34 @@ def test_bodies_not_of_the_protocols_shape_are_400_naming_what_is_wrong(
         assert name in error["message"]
 
 
+@pytest.mark.parametrize(
+    "content", ["hi \ud800", [{"type": "text", "text": "hi \ud800"}]], ids=["string", "part"]
+)
+def test_agui_text_with_a_lone_surrogate_is_refused_before_the_turn(
+    server: LiveServer, content: object
+) -> None:
+    thread = f"ag-surrogate-{type(content).__name__}"
+    body = {
+        "threadId": thread,
+        "runId": "r",
+        "messages": [{"id": "m", "role": "user", "content": content}],
+    }
+    # As JSON escapes ("\\ud800"), the way a browser's JSON.stringify sends a lone half.
+    response = httpx.post(
+        f"{server.url}/api/agui",
+        content=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
+
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "INVALID_REQUEST"
+    assert "surrogate" in error["message"]
+    assert "[" not in error["message"]  # pydantic's names for the types it tried
+    assert httpx.get(f"{server.url}/api/chat/sessions/{thread}", timeout=10).status_code == 404
+
+
 def test_a_user_message_without_text_is_missing_message(server: LiveServer) -> None:
     body = {
         "id": "s",

@@ -73,6 +73,11 @@ def error_of(response: httpx.Response) -> str:
                 b'{"message": "hi", "sessionId": "s\\ud800"}',
             )
         ),
+        # Ids that a URL's path drops: such a session could never be read or deleted.
+        *(
+            ("POST", {"json": {"message": "hi", "sessionId": dots}}, 400, "INVALID_REQUEST")
+            for dots in (".", "..")
+        ),
     ],
 )
 async def test_bad_stream_requests_get_a_json_error(

@@ -111,6 +111,16 @@ def refusal(exc: ChatstreamError) -> JSONResponse:
     return error_response(status_of(exc), exc.code, exc.message, headers or None)
 
 
+def _names_a_place(part: object) -> bool:
+    """Whether a part of a validation error's location names a field, header or index.
+
+    Pydantic also puts the body itself ("body") there and, for a field of several types,
+    the type that was tried ("function-after[_encodable(), str]"): words for its own
+    tracebacks, not for a client.
+    """
+    return part != "body" and not (isinstance(part, str) and "[" in part)
+
+
 def install(app: FastAPI) -> None:
     """Render every refusal, validation failure and crash as a JSON error."""
 
@@ -126,12 +136,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
+        problems: dict[str, None] = {}  # in order, once each
         for error in exc.errors():
-            location = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
-            problems.append(
-                f"{location}: {error.get('msg')}" if location else str(error.get("msg"))
-            )
+            location = ".".join(str(part) for part in error.get("loc", ()) if _names_a_place(part))
+            problems[f"{location}: {error['msg']}" if location else str(error["msg"])] = None
         return refusal(InvalidRequest("; ".join(problems) or "invalid request"))
 
     @app.exception_handler(HTTPException)

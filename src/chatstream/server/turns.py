@@ -35,6 +35,7 @@ _bearer = HTTPBearer(
     description="An API key, when the server has keys (also accepted as ?access_token=).",
 )
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_DOT_SEGMENTS = frozenset({".", ".."})
 
 
 async def _caller(
@@ -97,6 +98,10 @@ def validate_session_id(session_id: str | None, *, field: str = "sessionId") -> 
         return new_session_id()
     if not SESSION_ID.fullmatch(session_id):
         raise InvalidRequest(f"`{field}` must be 1-128 characters of [A-Za-z0-9._:-].")
+    if session_id in _DOT_SEGMENTS:
+        # A URL's path drops these ("/sessions/.." is "/"): the session could never be
+        # read or deleted.
+        raise InvalidRequest(f"`{field}` cannot be {session_id!r}: a URL cannot name it.")
     return session_id
 
 
@@ -107,4 +112,13 @@ def validate_turn(message: str | None, session_id: str | None, max_chars: int) -
         )
     if len(message) > max_chars:
         raise MessageTooLong(f"`message` has {len(message)} characters; the limit is {max_chars}.")
+    if not message.isascii():
+        try:
+            message.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate ("\ud800" in JSON) that came in a part the request's schema
+            # does not check (AG-UI's content parts): no store or stream could write it.
+            raise InvalidRequest(
+                "`message` is not valid Unicode text (it holds a lone surrogate)."
+            ) from None
     return message, validate_session_id(session_id)
