@@ -6,6 +6,7 @@ server on asyncio's loop and to ``chatstream serve`` in its own process (uvloop)
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -334,3 +335,94 @@ async def test_keep_alive_is_kept_as_asked_with_one_connection_header(target: Ta
     assert closing.header("transfer-encoding") == ["chunked"]
     assert closing.raw.endswith(b"0\r\n\r\n")
     assert closing.closed
+
+
+def _trickle(port: int, head: bytes, *, chunk: bytes, for_s: float) -> tuple[bytes, float | None]:
+    """Send ``head``, then ``chunk`` every 0.2 s; what came back, and when the server
+    closed (seconds after the first response bytes), or None if it never did."""
+    received = bytearray()
+    answered: float | None = None
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(0.2)
+        sock.sendall(head)
+        deadline = time.monotonic() + for_s
+        while time.monotonic() < deadline:
+            try:
+                sock.sendall(chunk)
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                return bytes(received), time.monotonic() - (answered or time.monotonic())
+            answered = answered or time.monotonic()
+            received.extend(data)
+    return bytes(received), None
+
+
+@pytest.mark.parametrize(
+    ("head", "chunk"),
+    [
+        (get(b"/api/health", b"Content-Length: 100000\r\n"), b"x"),
+        (get(b"/api/health", b"Transfer-Encoding: chunked\r\n"), b"1\r\nx\r\n"),
+        (
+            b"DELETE /api/chat/sessions/nobody HTTP/1.1\r\n"
+            + HOST
+            + b"Content-Length: 9999\r\n\r\n",
+            b"x",
+        ),
+    ],
+    ids=["get-with-length", "get-chunked", "delete-with-length"],
+)
+def test_a_body_trickled_after_its_answer_does_not_hold_the_connection(
+    target: Target, head: bytes, chunk: bytes
+) -> None:
+    # The answer comes at once (nothing reads these bodies); the connection then closes
+    # within the linger time instead of taking the trickle for as long as it lasts.
+    received, closed_after = _trickle(target.port, head, chunk=chunk, for_s=12)
+    assert received.startswith(b"HTTP/1.1 "), received[:100]
+    assert closed_after is not None, "the connection stayed open"
+    assert closed_after < 6
+
+
+def test_a_body_sent_on_after_a_413_is_cut_off(target: Target) -> None:
+    # A client that goes on sending after its 413 is read for at most a little more.
+    head = (
+        b"POST /api/chat HTTP/1.1\r\n" + HOST + b"Content-Type: application/json\r\n"
+        b"Content-Length: 100000000000\r\n\r\n"
+    )
+    sent = 0
+    reply = b""
+    with socket.create_connection(("127.0.0.1", target.port)) as sock:
+        sock.settimeout(10)
+        sock.sendall(head)
+        block = b"x" * 65536
+        try:
+            while sent < 1 << 30:
+                sock.sendall(block)
+                sent += len(block)
+        except OSError:
+            pass  # the server closed
+        with contextlib.suppress(OSError):
+            reply = sock.recv(65536)
+    assert sent < 64 << 20, f"the server took {sent >> 20} MB after refusing the request"
+    assert not reply or reply.startswith(b"HTTP/1.1 413"), reply[:100]
+
+
+def test_a_body_that_ends_after_its_answer_keeps_the_connection(target: Target) -> None:
+    # A body that arrives whole soon after the answer leaves the connection in use.
+    with socket.create_connection(("127.0.0.1", target.port)) as sock:
+        sock.settimeout(5)
+        sock.sendall(get(b"/api/health", b"Content-Length: 5\r\n"))
+        first = b""
+        while b'"accepting"' not in first:
+            first += sock.recv(65536)
+        time.sleep(0.3)
+        sock.sendall(b"hello" + get(b"/api/health"))
+        second = b""
+        while b'"accepting"' not in second:
+            chunk = sock.recv(65536)
+            assert chunk, "the connection closed"
+            second += chunk
+    assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200")

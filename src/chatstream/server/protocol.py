@@ -28,6 +28,14 @@ raw UTF-8 URLs, and HTTP/1.0 answered as HTTP/1.0.
   ``httpcycle.CloseAwareCycle``: one Connection header, and no chunked encoding for
   HTTP/1.0 (a stream ends with the connection).
 
+* A response can end before its request's body has all arrived: a 413 or 408, or any
+  answer to a GET that declared a body. uvicorn then reads and throws the rest away for
+  as long as it keeps coming, so a client that trickles a body held its connection
+  (and a file descriptor) forever, and one that sends fast kept the CPU busy with it.
+  Here the rest of the body has ``LINGER_S`` and ``LINGER_BYTES`` to arrive (a client
+  that sent it whole goes on with its connection as before); past either, the
+  connection closes.
+
 ``data_received`` counts only while a request's head is arriving: a body costs two
 attribute tests per read.
 """
@@ -51,6 +59,9 @@ _NON_ASCII = re.compile(rb"[\x80-\xff]")
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 100
+# How much of an answered request's unread body is taken (and dropped) before closing.
+LINGER_S = 2.0
+LINGER_BYTES = 1 << 20
 
 
 class _TooManyHeaders(Exception):
@@ -75,8 +86,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_body = False  # the request being read has its cycle: its body is due
         self._refused = False
         self._refusal: bytes | None = None  # held until earlier responses are sent
+        # Bytes an answered request's body may still take before the connection closes,
+        # and the timer that closes it; None while no answered body is due.
+        self._linger_room: int | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_room is not None:
+            self._linger_room -= len(data)
+            if self._linger_room < 0:
+                self._close()
+                return
         if self._refused:
             self.transport.pause_reading()  # uvicorn resumes reading after a response
             return
@@ -154,15 +174,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self._stop_lingering()
         self._in_request_line = True
         self._in_body = False
         self._header_room = self.max_header_bytes
 
     def on_response_complete(self) -> None:
         last = not self.pipeline
+        # The request being read (the last one) was answered before its body ended.
+        unread = self._in_body and self.cycle is not None and self.cycle.response_complete
         super().on_response_complete()
         if self._refused and last:
             self._send_refusal()
+        elif unread and self._linger_room is None:
+            self._linger_room = LINGER_BYTES
+            self._linger_timer = self.loop.call_later(LINGER_S, self._close)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -170,7 +196,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._stop_lingering()
         super().connection_lost(exc)
+
+    def _stop_lingering(self) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+        self._linger_room = None
 
     def _refuse_too_large(self, message: str) -> None:
         self._refuse(431, ErrorCode.HEADERS_TOO_LARGE, message)
@@ -218,6 +251,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _too_slow(self) -> None:
         self._header_timer = None
+        self._close()
+
+    def _close(self) -> None:
         if not self.transport.is_closing():
             self.transport.close()
 
