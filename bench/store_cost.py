@@ -6,7 +6,10 @@ runs that pair directly against each store, with no server around it:
 
 - serial: one turn after another, for the latency of a turn's store work and the CPU
   this process (chatstream's side) spends on it;
-- concurrent: C turns at once over as many sessions, for throughput.
+- concurrent: C turns at once over as many sessions, for throughput;
+- long sessions: a turn in a session of 10, 1,000 and 5,000 turns, as a multiple of the
+  first: a turn reads the last ``CHATSTREAM_MAX_HISTORY_MESSAGES`` (200) messages and
+  the stored count, so it should cost about the same however long the session is.
 
 Run: ``.venv/bin/python bench/store_cost.py postgresql://user:pass@127.0.0.1:5432/db``
 (any store URLs; a SQLite file in a temporary folder is always measured first, as the
@@ -25,10 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatstream import messages as m
+from chatstream.config import TurnSettings
 from chatstream.store import SessionStore, StoreURL, open_store
 from chatstream.store.base import SessionRef
 
 ANSWER = "The weather in Seoul is 21 °C and clear. " * 8  # about 340 characters
+# What a turn shows the model, and so reads of its session.
+WINDOW = TurnSettings().max_history_messages
+LENGTHS = (10, 1_000, 5_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +44,11 @@ class Cost:
     serial_ms: float
     cpu_us: float
     turns_per_s: float
+    long_ms: tuple[float, ...]  # a turn's ms in a session of each of LENGTHS turns
 
 
-async def turn(store: SessionStore, ref: SessionRef, fence: int) -> None:
-    await store.load(ref)
+async def turn(store: SessionStore, ref: SessionRef, fence: int | None) -> None:
+    await store.load(ref, last=WINDOW)
     await store.append(
         ref, [m.user("what is the weather in Seoul?"), m.assistant(ANSWER)], fence=fence
     )
@@ -70,6 +78,7 @@ async def measure(url: str, turns: int, concurrency: int, sessions: int) -> Cost
         each = max(1, turns // concurrency)
         await asyncio.gather(*(worker(i, each) for i in range(concurrency)))
         concurrent = time.perf_counter() - started
+        long_ms = await long_session(store, SessionRef("", f"bench-cost-{run}-long"))
     finally:
         await store.close()
     return Cost(
@@ -77,7 +86,28 @@ async def measure(url: str, turns: int, concurrency: int, sessions: int) -> Cost
         serial_ms=wall / turns * 1000,
         cpu_us=spent / turns * 1e6,
         turns_per_s=each * concurrency / concurrent,
+        long_ms=long_ms,
     )
+
+
+async def long_session(
+    store: SessionStore, ref: SessionRef, samples: int = 20
+) -> tuple[float, ...]:
+    """A turn's ms (the median of ``samples``) once the session has each of LENGTHS turns."""
+    pair = [m.user("what is the weather in Seoul?"), m.assistant(ANSWER)]
+    stored, result = 0, []
+    for length in LENGTHS:
+        while stored < length:  # grown without timing it
+            await store.append(ref, pair)
+            stored += 1
+        times = []
+        for _ in range(samples):
+            started = time.perf_counter()
+            await turn(store, ref, None)
+            times.append(time.perf_counter() - started)
+        stored += samples
+        result.append(sorted(times)[samples // 2] * 1000)
+    return tuple(result)
 
 
 def label(url: str) -> str:
@@ -114,6 +144,15 @@ async def main() -> None:
         )
     print()
     print("CPU is this process's (chatstream's side); a database server's own is not counted.")
+    print()
+    head = " | ".join(f"{n:,} turns" for n in LENGTHS)
+    print(f"A turn (median ms) in a long session, no fence ({WINDOW} messages read):")
+    print()
+    print(f"| store | {head} | last x first |")
+    print("|---|" + "---|" * (len(LENGTHS) + 1))
+    for cost in costs:
+        cells = " | ".join(f"{ms:.2f}" for ms in cost.long_ms)
+        print(f"| {label(cost.store)} | {cells} | {cost.long_ms[-1] / cost.long_ms[0]:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ async def test_a_turn_that_fails_to_start_frees_its_session_at_once(
     store = await SQLiteStore.open(tmp_path / "chat.db")
     load = store.load
 
-    async def down_once(ref: SessionRef) -> Session | None:
+    async def down_once(ref: SessionRef, *, last: int | None = None) -> Session | None:
         monkeypatch.setattr(store, "load", load)  # the outage is over after this call
         raise StoreError("the store is down")
 

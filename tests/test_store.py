@@ -8,13 +8,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from chatstream import messages as m
 from chatstream.errors import StoreError
-from chatstream.messages import ToolCallRequest
+from chatstream.messages import ToolCallRequest, history_length
 from chatstream.store import Fenced, SessionStore, open_store
 from chatstream.store.base import SessionRef
 from chatstream.store.postgres import SCHEMA_VERSION
+from chatstream.store.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from tests.support.postgres import PostgresServer
 
 
@@ -46,16 +48,39 @@ async def test_a_regenerated_turn_replaces_the_last_one_in_one_write(store: Sess
     await store.append(ref, [m.user("first"), m.assistant("one")])
     await store.append(ref, [m.user("second"), m.assistant("two")])
     again = await store.append(ref, [m.user("second"), m.assistant("two, again")], replace_from=2)
-    assert [x.content for x in again.messages] == ["first", "one", "second", "two, again"]
+    assert (again.start, again.history_length) == (2, 4)
     loaded = await store.load(ref)
     assert loaded is not None
     assert [x.content for x in loaded.messages] == ["first", "one", "second", "two, again"]
     # The next turn goes after it; replacing from 0 rewrites the whole session.
     after = await store.append(ref, [m.user("third"), m.assistant("three")])
-    assert len(after.messages) == 6
+    assert (after.start, after.history_length) == (4, 6)
     whole = await store.append(ref, [m.user("only"), m.assistant("this")], replace_from=0)
-    assert [x.content for x in whole.messages] == ["only", "this"]
+    assert (whole.start, whole.history_length) == (0, 2)
     assert [x.content for x in (await store.load(ref) or whole).messages] == ["only", "this"]
+
+
+async def test_a_turn_reads_the_end_of_its_session_with_the_whole_count(
+    store: SessionStore,
+) -> None:
+    ref = SessionRef("", "long")
+    for i in range(30):
+        written = await store.append(ref, a_turn(f"q{i}") if i % 2 else [m.user(f"q{i}")])
+        # What a write returns is what it wrote, where it starts, and the count so far.
+        assert written.messages[0].content == f"q{i}"
+        assert written.history_length == i + 1 + (i + 1) // 2
+    end = await store.load(ref, last=5)
+    whole = await store.load(ref)
+    assert end is not None and whole is not None
+    assert end.messages == whole.messages[-5:]
+    assert end.start == len(whole.messages) - 5
+    assert end.history_length == whole.history_length == 45
+    # A window wider than the session is the whole of it.
+    wide = await store.load(ref, last=10_000)
+    assert wide is not None and (wide.start, wide.messages) == (0, whole.messages)
+    # A regenerated turn inside the window is counted out, and the new one in.
+    cut = await store.append(ref, [m.user("again"), m.assistant("new")], replace_from=end.start)
+    assert cut.history_length == 45 - history_length(end.messages) + 2
 
 
 async def test_a_missing_session_is_none(store: SessionStore) -> None:
@@ -255,11 +280,48 @@ async def test_a_sqlite_file_of_an_older_schema_is_migrated_with_its_sessions(
     try:
         loaded = await store.load(SessionRef("", "kept"))
         assert loaded is not None and [x.content for x in loaded.messages] == ["hi"]
-        await store.append(SessionRef("", "kept"), [m.assistant("hello")], fence=2)
+        written = await store.append(SessionRef("", "kept"), [m.assistant("hello")], fence=2)
+        assert written.history_length == 2
         with pytest.raises(Fenced):
             await store.append(SessionRef("", "kept"), [m.assistant("again")], fence=1)
     finally:
         await store.close()
     reopened = sqlite3.connect(path)
-    assert reopened.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert reopened.execute("PRAGMA user_version").fetchone()[0] == SQLITE_SCHEMA_VERSION
     reopened.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgresql"])
+async def test_a_session_stored_before_its_count_was_kept_is_counted(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # An older chatstream kept no count: the first read counts the session's messages,
+    # and its next write keeps the count from then on.
+    if kind == "sqlite":
+        path = tmp_path / "old.db"
+        url = f"sqlite:///{path}"
+    else:
+        url = request.getfixturevalue(f"{kind.removesuffix('ql')}_url")
+    store = await open_store(url)
+    ref = SessionRef("", "old")
+    try:
+        for i in range(5):
+            await store.append(ref, a_turn(f"q{i}"))
+        if kind == "sqlite":
+            with sqlite3.connect(path) as db:
+                db.execute("UPDATE sessions SET history_length = NULL")
+        elif kind == "redis":
+            client = Redis.from_url(url)
+            await client.hdel("chatstream:session:old", "history_length")
+            await client.aclose()
+        else:
+            postgres: PostgresServer = request.getfixturevalue("postgres_instance")
+            postgres.query("UPDATE sessions SET history_length = NULL")
+        end = await store.load(ref, last=3)
+        assert end is not None and (end.start, end.history_length) == (17, 10)
+        again = await store.append(ref, a_turn("q5"))
+        assert again.history_length == 12
+        end = await store.load(ref, last=3)
+        assert end is not None and end.history_length == 12
+    finally:
+        await store.close()

@@ -255,10 +255,10 @@ def _regenerated(session: SessionRef, stored: Session | None) -> Turn:
     """The turn that answers the session's last user message again, in place of its turn."""
     messages = stored.messages if stored is not None else ()
     last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role == "user"), None)
-    if last is None:
+    if last is None or stored is None:
         raise InvalidRequest(f"Session {session.id!r} has no answer to regenerate.")
     turn = Turn(m.user(messages[last].content))
-    turn.replace_from = last
+    turn.replace_from = stored.start + last
     return turn
 
 
@@ -424,7 +424,11 @@ class RunManager:
                     "wait for it, resume it or cancel it."
                 )
             claimed = True
-            stored = await self.store.load(session)
+            # The model sees the last max_history_messages; a regenerated turn is looked
+            # for in the whole session, and its window is what is left before it.
+            shown = self.settings.turns.max_history_messages
+            window = None if regenerate or shown <= 0 else shown
+            stored = await self.store.load(session, last=window)
             waiting: tuple[Pending, ...] = ()
             if regenerate:
                 turn = _regenerated(session, stored)
@@ -450,7 +454,7 @@ class RunManager:
             raise
         messages = stored.messages if stored else ()
         if turn.replace_from is not None:
-            messages = messages[: turn.replace_from]
+            messages = messages[: turn.replace_from - (stored.start if stored else 0)]
         if continuation is None and m.pending_calls(messages):
             # A new message in a session whose turn waits for approval: those calls are
             # declined, and that turn ends here, so the history stays whole for providers.

@@ -54,15 +54,22 @@ class SessionRef:
 
 @dataclass(frozen=True, slots=True)
 class Session:
-    """A stored conversation."""
+    """A stored conversation, whole or its end: ``messages`` are its messages from
+    position ``start`` on; ``total_history`` is the whole conversation's history length,
+    which the stores keep as a count (None: count ``messages``, all of it)."""
 
     id: str
     messages: tuple[Message, ...] = field(default=())
     created_at: float = 0.0
     last_activity: float = 0.0
+    start: int = 0
+    total_history: int | None = None
 
     @property
     def history_length(self) -> int:
+        """User messages and answers in the whole conversation (``messages.history_length``)."""
+        if self.total_history is not None:
+            return self.total_history
         return history_length(self.messages)
 
 
@@ -82,8 +89,12 @@ class SessionStore(Protocol):
 
     name: str
 
-    async def load(self, ref: SessionRef) -> Session | None:
-        """The session, or None when there is none by that id."""
+    async def load(self, ref: SessionRef, *, last: int | None = None) -> Session | None:
+        """The session, or None when there is none by that id.
+
+        With ``last``, only its last ``last`` messages are read (a turn shows the model
+        no more): what a turn costs then does not grow with the conversation.
+        """
         ...
 
     async def append(
@@ -94,7 +105,8 @@ class SessionStore(Protocol):
         fence: int | None = None,
         replace_from: int | None = None,
     ) -> Session:
-        """Add messages at the end of a session, creating it if needed; return it whole.
+        """Add messages at the end of a session, creating it if needed; return its end:
+        the messages written, where they start, and the whole session's history length.
 
         With ``fence``, in the same transaction: ``Fenced`` when the session's last fenced
         write named the same token or a newer one. With ``replace_from``, the stored

@@ -4,7 +4,8 @@ Tables, created and migrated at start-up (``chatstream_schema`` holds the versio
 
 * ``sessions``     key (``SessionRef.key``), owner, id, created_at, last_activity, title,
                    message_count, fence (the token of the last fenced write), last_write
-                   (the id of the last write, to know a retried one)
+                   (the id of the last write, to know a retried one), history_length
+                   (NULL in a session written before version 2: its next write counts it)
 * ``messages``     session_key, position, body (a message as JSON, in ``bytea``: JSON text
                    may hold ``\\u0000``, which ``jsonb`` refuses)
 * ``parked_runs``  run_id, body
@@ -36,14 +37,14 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar, cast
 
 import orjson
 
 from chatstream.errors import StoreError
-from chatstream.messages import Message
+from chatstream.messages import Message, history_length
 from chatstream.store.base import FENCED, Fenced, Session, SessionRef, SessionSummary
 from chatstream.store.outage import retry_while_down
 
@@ -99,46 +100,46 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE TABLE parked_runs (run_id text PRIMARY KEY, body bytea NOT NULL)",
     ),
+    # 2: each session's history length, so that a turn reads only the end of its session.
+    ("ALTER TABLE sessions ADD COLUMN history_length integer",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # Held while migrating, so that instances starting together migrate once.
 _MIGRATION_LOCK = 0x63687374  # "chst"
 
 # A turn's write is two statements in a transaction: the first creates or locks the
-# session's row and says what the fence check needs; the second adds the messages, moves
-# the row on and reads the whole session back (the messages before it, from the snapshot
-# it sees, and the ones it added, from its own RETURNING): four round trips in all.
+# session's row and says what the fence check and the count need; the second adds the
+# messages and moves the row on: three round trips in all (four to replace a turn).
 _LOCK_ROW = """
 INSERT INTO sessions AS s (key, owner, id, created_at, last_activity, title)
 VALUES ($1, $2, $3, $4, $4, $5)
 ON CONFLICT (key) DO UPDATE SET
     last_activity = excluded.last_activity,
     title = CASE WHEN s.title = '' THEN excluded.title ELSE s.title END
-RETURNING created_at, last_activity, message_count, fence, last_write
+RETURNING created_at, last_activity, message_count, fence, last_write, history_length
 """
 _WRITE = """
 WITH added AS (
     INSERT INTO messages (session_key, position, body)
     SELECT $1, $2 + n - 1, body FROM unnest($3::bytea[]) WITH ORDINALITY AS t(body, n)
-    RETURNING position, body
-), moved AS (
-    UPDATE sessions
-    SET message_count = $2 + cardinality($3::bytea[]), fence = COALESCE($4, fence),
-        last_write = $5
-    WHERE key = $1
 )
-SELECT position, body FROM messages WHERE session_key = $1
-UNION ALL SELECT position, body FROM added
-ORDER BY position
+UPDATE sessions
+SET message_count = $2 + cardinality($3::bytea[]), fence = COALESCE($4, fence),
+    last_write = $5, history_length = $6
+WHERE key = $1
 """
 # A regenerated answer's write drops the turn it replaces first (same transaction).
-_CUT = "DELETE FROM messages WHERE session_key = $1 AND position >= $2"
+_CUT = "DELETE FROM messages WHERE session_key = $1 AND position >= $2 RETURNING body"
 _LOAD = """
-SELECT s.created_at, s.last_activity, m.body
-FROM sessions s LEFT JOIN messages m ON m.session_key = s.key
+SELECT s.created_at, s.last_activity, s.message_count, s.history_length, m.body
+FROM sessions s LEFT JOIN messages m
+    ON m.session_key = s.key AND m.position >= s.message_count - $2
 WHERE s.key = $1
 ORDER BY m.position
 """
+_ALL_BODIES = "SELECT body FROM messages WHERE session_key = $1"
+# ``_LOAD``'s "last" for every message.
+_EVERY = 2**31 - 1
 
 
 def unavailable(what: str, exc: BaseException) -> StoreError:
@@ -296,13 +297,30 @@ class PostgresStore:
         except FAILURES as exc:
             raise unavailable(what, exc) from exc
 
-    async def load(self, ref: SessionRef) -> Session | None:
-        """The session with its messages in order, or None."""
+    async def load(self, ref: SessionRef, *, last: int | None = None) -> Session | None:
+        """The session with its messages in order (its last ``last`` of them), or None."""
         session_id = ref.key
-        rows = await self._read(
-            lambda conn: conn.fetch(_LOAD, session_id), f"reading session {session_id!r}"
-        )
-        return _session_of(session_id, rows)
+
+        async def read(conn: asyncpg.pool.PoolConnectionProxy[Any]) -> Session | None:
+            rows = await conn.fetch(_LOAD, session_id, _EVERY if last is None else last)
+            if not rows:
+                return None
+            first = rows[0]
+            messages = _messages(r["body"] for r in rows if r["body"] is not None)
+            start = first["message_count"] - len(messages)
+            counted = first["history_length"]
+            if counted is None and start > 0:  # stored before the count was kept
+                counted = history_length(_messages(await _bodies(conn, session_id)))
+            return Session(
+                session_id,
+                messages,
+                created_at=first["created_at"],
+                last_activity=first["last_activity"],
+                start=start,
+                total_history=counted,
+            )
+
+        return await self._read(read, f"reading session {session_id!r}")
 
     async def append(
         self,
@@ -312,38 +330,38 @@ class PostgresStore:
         fence: int | None = None,
         replace_from: int | None = None,
     ) -> Session:
-        """Add a turn's messages in one transaction and return the whole session."""
+        """Add a turn's messages in one transaction; return the session's end (them)."""
         session_id = ref.key
         now = time.time()
         title = next((m.content[:80] for m in messages if m.role == "user"), "")
         title = title.replace("\x00", "")  # text columns cannot hold NUL
-        bodies = [
-            orjson.dumps((m if m.created_at is not None else replace(m, created_at=now)).to_dict())
-            for m in messages
-        ]
+        stamped = tuple(
+            m if m.created_at is not None else replace(m, created_at=now) for m in messages
+        )
+        bodies = [orjson.dumps(m.to_dict()) for m in stamped]
         write_id = secrets.token_hex(8)
 
         async def write(conn: asyncpg.pool.PoolConnectionProxy[Any]) -> Session:
             async with conn.transaction():
                 row = await conn.fetchrow(_LOCK_ROW, session_id, ref.owner, ref.id, now, title)
                 assert row is not None
+                count = int(row["message_count"])
+                counted = row["history_length"]
                 if row["last_write"] == write_id:  # this write, tried again: it is there
-                    session = _session_of(session_id, await conn.fetch(_LOAD, session_id))
-                    assert session is not None
-                    return session
+                    start = count - len(stamped)
+                    return Session(session_id, stamped, row["created_at"], now, start, counted)
                 if fence is not None and row["fence"] is not None and fence <= row["fence"]:
                     raise Fenced(FENCED)
-                count = int(row["message_count"])
+                if counted is None:  # a new session, or one stored before the count was kept
+                    older = await _bodies(conn, session_id) if count else []
+                    counted = history_length(_messages(older))
                 if replace_from is not None and replace_from < count:
-                    await conn.execute(_CUT, session_id, replace_from)
+                    cut = await conn.fetch(_CUT, session_id, replace_from)
+                    counted -= history_length(_messages(r["body"] for r in cut))
                     count = replace_from
-                stored = await conn.fetch(_WRITE, session_id, count, bodies, fence, write_id)
-            return Session(
-                session_id,
-                tuple(Message.from_dict(orjson.loads(r["body"])) for r in stored),
-                created_at=row["created_at"],
-                last_activity=row["last_activity"],
-            )
+                counted += history_length(stamped)
+                await conn.execute(_WRITE, session_id, count, bodies, fence, write_id, counted)
+            return Session(session_id, stamped, row["created_at"], now, count, counted)
 
         return await self._write(write, f"writing session {session_id!r}")
 
@@ -435,13 +453,9 @@ async def _keep_as_is(conn: asyncpg.Connection[Any]) -> None:
     """A pooled connection's reset: an open transaction was rolled back already."""
 
 
-def _session_of(session_id: str, rows: Sequence[asyncpg.Record]) -> Session | None:
-    if not rows:
-        return None
-    first = rows[0]
-    messages = tuple(
-        Message.from_dict(orjson.loads(r["body"])) for r in rows if r["body"] is not None
-    )
-    return Session(
-        session_id, messages, created_at=first["created_at"], last_activity=first["last_activity"]
-    )
+def _messages(bodies: Iterable[bytes]) -> tuple[Message, ...]:
+    return tuple(Message.from_dict(orjson.loads(body)) for body in bodies)
+
+
+async def _bodies(conn: asyncpg.pool.PoolConnectionProxy[Any], session_id: str) -> list[bytes]:
+    return [r["body"] for r in await conn.fetch(_ALL_BODIES, session_id)]

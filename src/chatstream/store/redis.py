@@ -2,8 +2,10 @@
 
 Keys (``<prefix>`` defaults to ``chatstream``):
 
-* ``<prefix>:session:<id>``        hash: created_at, last_activity, title, and fence (the
-                                   token of its last fenced write)
+* ``<prefix>:session:<id>``        hash: created_at, last_activity, title, fence (the
+                                   token of its last fenced write), and history_length
+                                   (a session written before it was kept is counted by
+                                   its next write)
 * ``<prefix>:session-log:<id>``    list of messages as JSON, in order (not ``…:<id>:log``:
                                    an id may hold ':', and ``X:log``'s hash would be ``X``'s list)
 * ``<prefix>:sessions``            sorted set of session ids by last activity
@@ -37,7 +39,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chatstream.errors import StoreError
-from chatstream.messages import Message
+from chatstream.messages import Message, history_length
 from chatstream.store.base import FENCED, Fenced, Session, SessionRef, SessionSummary
 from chatstream.store.outage import retry_while_down
 
@@ -53,6 +55,10 @@ OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 # One reconnection inside the driver, at once: what a pooled connection that a restart of
 # Redis left dead needs. Waiting out a longer outage is ``outlast``'s job, for writes only.
 RECONNECT_ONCE = Retry(NoBackoff(), 1)
+
+
+def _messages(bodies: list[bytes]) -> tuple[Message, ...]:
+    return tuple(Message.from_dict(orjson.loads(body)) for body in bodies)
 
 
 def unavailable(what: str, exc: BaseException) -> StoreError:
@@ -75,27 +81,46 @@ async def outlast(call: Callable[[], Awaitable[T]], *, within_s: float, what: st
 # KEYS[1] the session, KEYS[2] its messages, KEYS[3] its owner's index, KEYS[4] this write's
 # marker; ARGV[1] now, ARGV[2] the title, ARGV[3] the public id, ARGV[4] the fencing token
 # ('' for none), ARGV[5] the position from which stored messages are replaced ('' for
-# none), ARGV[6...] the messages. Returns 1 when written, 0 when this write was
-# applied before (a retry), -1 when refused: the session's last fenced write named the
-# same token or a newer one.
+# none), ARGV[6] the history length of the messages, ARGV[7...] the messages. Returns
+# {1, the session's history length, its message count, its created_at} when written,
+# {0, the same} when this write was applied before (a retry), {-1} when refused: the
+# session's last fenced write named the same token or a newer one.
 _APPEND = """
-if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+local function counted(bodies)
+  local n = 0
+  for _, body in ipairs(bodies) do
+    local m = cjson.decode(body)
+    if m.role == 'user' or (m.role == 'assistant' and m.toolCalls == nil) then n = n + 1 end
+  end
+  return n
+end
+local function written(status, length)
+  return {status, length, redis.call('LLEN', KEYS[2]), redis.call('HGET', KEYS[1], 'created_at')}
+end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  return written(0, tonumber(redis.call('HGET', KEYS[1], 'history_length')))
+end
 if ARGV[4] ~= '' then
   local stored = redis.call('HGET', KEYS[1], 'fence')
-  if stored and tonumber(ARGV[4]) <= tonumber(stored) then return -1 end
+  if stored and tonumber(ARGV[4]) <= tonumber(stored) then return {-1} end
   redis.call('HSET', KEYS[1], 'fence', ARGV[4])
 end
 redis.call('SET', KEYS[4], '1', 'PX', 60000)
 redis.call('HSETNX', KEYS[1], 'created_at', ARGV[1])
 redis.call('HSETNX', KEYS[1], 'title', ARGV[2])
 redis.call('HSET', KEYS[1], 'last_activity', ARGV[1])
+local length = tonumber(redis.call('HGET', KEYS[1], 'history_length'))
+if not length then length = counted(redis.call('LRANGE', KEYS[2], 0, -1)) end
 if ARGV[5] ~= '' then
   local keep = tonumber(ARGV[5])
+  length = length - counted(redis.call('LRANGE', KEYS[2], keep, -1))
   if keep == 0 then redis.call('DEL', KEYS[2]) else redis.call('LTRIM', KEYS[2], 0, keep - 1) end
 end
-for i = 6, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 7, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+length = length + tonumber(ARGV[6])
+redis.call('HSET', KEYS[1], 'history_length', length)
 redis.call('ZADD', KEYS[3], ARGV[1], ARGV[3])
-return 1
+return written(1, length)
 """
 
 
@@ -169,35 +194,39 @@ class RedisStore:
         """The sorted set of one owner's sessions by last activity."""
         return f"{self.prefix}:sessions:{owner}" if owner else f"{self.prefix}:sessions"
 
-    async def load(self, ref: SessionRef) -> Session | None:
-        """The session with its messages in order, or None."""
+    async def load(self, ref: SessionRef, *, last: int | None = None) -> Session | None:
+        """The session with its messages in order (its last ``last`` of them), or None."""
         session_id = ref.key
         try:
-            meta, bodies = await self._read(session_id)
+            meta, count, bodies = await self._read(session_id, last)
+            if not meta:
+                return None
+            start = count - len(bodies)
+            kept = meta.get(b"history_length")
+            counted = None if kept is None else int(kept)
+            if counted is None and start > 0:  # stored before the count was kept
+                _, _, everything = await self._read(session_id, None)
+                counted = history_length(_messages(everything))
         except (RedisError, OSError) as exc:
             raise unavailable(f"reading session {session_id!r}", exc) from exc
-        return self._session_of(session_id, meta, bodies)
-
-    async def _read(self, session_id: str) -> tuple[dict[bytes, bytes], list[bytes]]:
-        key = self._session(session_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(key)
-            pipe.lrange(self._log(session_id), 0, -1)
-            meta, bodies = await pipe.execute()
-        return meta, bodies
-
-    @staticmethod
-    def _session_of(
-        session_id: str, meta: dict[bytes, bytes], bodies: list[bytes]
-    ) -> Session | None:
-        if not meta:
-            return None
         return Session(
             session_id,
-            tuple(Message.from_dict(orjson.loads(body)) for body in bodies),
+            _messages(bodies),
             created_at=float(meta[b"created_at"]),
             last_activity=float(meta[b"last_activity"]),
+            start=start,
+            total_history=counted,
         )
+
+    async def _read(
+        self, session_id: str, last: int | None
+    ) -> tuple[dict[bytes, bytes], int, list[bytes]]:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self._session(session_id))
+            pipe.llen(self._log(session_id))
+            pipe.lrange(self._log(session_id), 0 if last is None else -last, -1)
+            meta, count, bodies = await pipe.execute()
+        return meta, count, bodies
 
     async def append(
         self,
@@ -207,18 +236,16 @@ class RedisStore:
         fence: int | None = None,
         replace_from: int | None = None,
     ) -> Session:
-        """Add a turn's messages in one transaction and return the whole session."""
+        """Add a turn's messages in one transaction; return the session's end (them)."""
         session_id = ref.key
         now = time.time()
-        key = self._session(session_id)
         title = next((m.content[:80] for m in messages if m.role == "user"), "")
-        bodies = [
-            orjson.dumps((m if m.created_at is not None else replace(m, created_at=now)).to_dict())
-            for m in messages
-        ]
+        stamped = tuple(
+            m if m.created_at is not None else replace(m, created_at=now) for m in messages
+        )
         owner, public_id = ref.owner, ref.id
         keys = [
-            key,
+            self._session(session_id),
             self._log(session_id),
             self._index(owner),
             f"{self.prefix}:write:{secrets.token_hex(8)}",
@@ -229,25 +256,27 @@ class RedisStore:
             public_id,
             "" if fence is None else fence,
             "" if replace_from is None else replace_from,
-            *bodies,
+            history_length(stamped),
+            *(orjson.dumps(m.to_dict()) for m in stamped),
         ]
         what = f"writing session {session_id!r}"
         try:
             written = await outlast(
                 lambda: self._append(keys=keys, args=args), within_s=self.outage_s, what=what
             )
-            if int(written) < 0:
-                raise Fenced(FENCED)
-            meta, stored = await outlast(
-                lambda: self._read(session_id), within_s=self.outage_s, what=what
-            )
         except (RedisError, OSError) as exc:
             raise unavailable(what, exc) from exc
-        session = self._session_of(session_id, meta, stored)
-        if session is None:
-            # Deleted between the write and the read back.
-            raise unavailable(what, RuntimeError("the session vanished while it was written"))
-        return session
+        if int(written[0]) < 0:
+            raise Fenced(FENCED)
+        _, counted, count, created_at = written
+        return Session(
+            session_id,
+            stamped,
+            created_at=float(created_at),
+            last_activity=now,
+            start=int(count) - len(stamped),
+            total_history=int(counted),
+        )
 
     async def delete(self, ref: SessionRef) -> bool:
         """Remove a session and its messages."""

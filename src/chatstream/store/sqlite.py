@@ -21,12 +21,14 @@ from typing import Any, TypeVar, cast
 import orjson
 
 from chatstream.errors import StoreError
-from chatstream.messages import Message
+from chatstream.messages import Message, history_length
 from chatstream.store.base import FENCED, Fenced, Session, SessionRef, SessionSummary
 
 # 1: sessions and messages. 2: parked runs (turns waiting for approval across a restart).
-# 3: each session's fencing token (``store.base``).
-SCHEMA_VERSION = 3
+# 3: each session's fencing token (``store.base``). 4: each session's history length, so
+# that a turn reads only the end of its session (NULL in a session older than that: it
+# is counted from its messages once, by its next write).
+SCHEMA_VERSION = 4
 T = TypeVar("T")
 
 _SCHEMA = [
@@ -57,7 +59,10 @@ _SCHEMA = [
 ]
 # Changes to tables that the statements above made in an older version, by the version
 # that brings them: applied to a file of a lower version, after those statements.
-_MIGRATIONS = {3: ["ALTER TABLE sessions ADD COLUMN fence INTEGER"]}
+_MIGRATIONS = {
+    3: ["ALTER TABLE sessions ADD COLUMN fence INTEGER"],
+    4: ["ALTER TABLE sessions ADD COLUMN history_length INTEGER"],
+}
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -132,23 +137,33 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"{failure}: {exc}") from exc
 
-    def _load(self, session_id: str) -> Session | None:
+    def _load(self, session_id: str, last: int | None) -> Session | None:
         row = self._db.execute(
-            "SELECT created_at, last_activity FROM sessions WHERE id = ?", (session_id,)
+            "SELECT created_at, last_activity, message_count, history_length FROM sessions"
+            " WHERE id = ?",
+            (session_id,),
         ).fetchone()
         if row is None:
             return None
-        bodies = self._db.execute(
-            "SELECT body FROM messages WHERE session_id = ? ORDER BY position", (session_id,)
-        ).fetchall()
-        messages = tuple(Message.from_dict(orjson.loads(body)) for (body,) in bodies)
-        return Session(session_id, messages, created_at=row[0], last_activity=row[1])
+        created_at, last_activity, count, counted = row
+        start = 0 if last is None else max(count - last, 0)
+        messages = self._messages(session_id, start)
+        if counted is None and start > 0:
+            counted = history_length(self._messages(session_id, 0))
+        return Session(session_id, messages, created_at, last_activity, start, counted)
 
-    async def load(self, ref: SessionRef) -> Session | None:
-        """The session with its messages in order, or None."""
+    def _messages(self, session_id: str, start: int) -> tuple[Message, ...]:
+        bodies = self._db.execute(
+            "SELECT body FROM messages WHERE session_id = ? AND position >= ? ORDER BY position",
+            (session_id, start),
+        ).fetchall()
+        return tuple(Message.from_dict(orjson.loads(body)) for (body,) in bodies)
+
+    async def load(self, ref: SessionRef, *, last: int | None = None) -> Session | None:
+        """The session with its messages in order (its last ``last`` of them), or None."""
         session_id = ref.key
         return await self._run(
-            lambda: self._load(session_id), f"could not read session {session_id!r}"
+            lambda: self._load(session_id, last), f"could not read session {session_id!r}"
         )
 
     def _append(
@@ -160,6 +175,7 @@ class SQLiteStore:
     ) -> Session:
         now = time.time()
         title = next((m.content[:80] for m in messages if m.role == "user"), "")
+        stamped = tuple(_stamped(msg, now) for msg in messages)
         db = self._db
         with _transaction(db):
             db.execute(
@@ -167,16 +183,20 @@ class SQLiteStore:
                 " ON CONFLICT(id) DO UPDATE SET last_activity = excluded.last_activity",
                 (session_id, now, now, title),
             )
-            row = db.execute(
-                "SELECT message_count, fence FROM sessions WHERE id = ?", (session_id,)
+            created_at, start, stored_fence, counted = db.execute(
+                "SELECT created_at, message_count, fence, history_length FROM sessions"
+                " WHERE id = ?",
+                (session_id,),
             ).fetchone()
-            start = row[0] if row else 0
             if fence is not None:
                 # A write is never retried here, so "the same write again" cannot happen.
-                if row is not None and row[1] is not None and fence <= row[1]:
+                if stored_fence is not None and fence <= stored_fence:
                     raise Fenced(FENCED)
                 db.execute("UPDATE sessions SET fence = ? WHERE id = ?", (fence, session_id))
+            if counted is None:  # a new session, or one stored before the count was kept
+                counted = history_length(self._messages(session_id, 0)) if start else 0
             if replace_from is not None and replace_from < start:
+                counted -= history_length(self._messages(session_id, replace_from))
                 db.execute(
                     "DELETE FROM messages WHERE session_id = ? AND position >= ?",
                     (session_id, replace_from),
@@ -185,18 +205,17 @@ class SQLiteStore:
             db.executemany(
                 "INSERT INTO messages (session_id, position, body) VALUES (?, ?, ?)",
                 [
-                    (session_id, start + i, orjson.dumps(_stamped(msg, now).to_dict()))
-                    for i, msg in enumerate(messages)
+                    (session_id, start + i, orjson.dumps(msg.to_dict()))
+                    for i, msg in enumerate(stamped)
                 ],
             )
+            counted += history_length(stamped)
             db.execute(
-                "UPDATE sessions SET message_count = ?, title = CASE WHEN title = '' THEN ? "
-                "ELSE title END WHERE id = ?",
-                (start + len(messages), title, session_id),
+                "UPDATE sessions SET message_count = ?, history_length = ?,"
+                " title = CASE WHEN title = '' THEN ? ELSE title END WHERE id = ?",
+                (start + len(stamped), counted, title, session_id),
             )
-        session = self._load(session_id)
-        assert session is not None
-        return session
+        return Session(session_id, stamped, created_at, now, start, counted)
 
     async def append(
         self,
@@ -206,7 +225,7 @@ class SQLiteStore:
         fence: int | None = None,
         replace_from: int | None = None,
     ) -> Session:
-        """Add a turn's messages in one transaction and return the whole session."""
+        """Add a turn's messages in one transaction; return the session's end (them)."""
         session_id = ref.key
         return await self._run(
             lambda: self._append(session_id, messages, fence, replace_from),
