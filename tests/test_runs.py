@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from chatstream.config import Settings
+from chatstream.errors import StoreError
 from chatstream.store.base import SessionRef
 from tests.support.proxy import cutting_proxy
 from tests.support.server import LiveServer, live_server
@@ -260,3 +261,22 @@ async def test_the_event_log_is_capped(settings: Settings) -> None:
             assert result.data[-1]["code"] == "OUTPUT_LIMIT"
             session = (await http.get("/api/chat/sessions/cap")).json()
             assert session["messages"][-1]["interrupted"] is True
+
+
+async def test_a_store_that_fails_to_save_the_turn_says_so_in_the_stream(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with live_server(settings) as live:
+
+        async def unanswered(*args: object, **kwargs: object) -> None:
+            raise StoreError("redis did not answer within 10 s")
+
+        monkeypatch.setattr(live.runtime.store, "append", unanswered)
+        async with httpx.AsyncClient(base_url=live.url, timeout=30) as http:
+            result = await stream(http, "GET", "/api/chat/stream", params={"message": "hi"})
+    # Not "could not be saved": a write that timed out may still land, and a person who
+    # sends the message again would have the turn twice.
+    assert result.types[-1] == "error"
+    assert result.data[-1]["code"] == "STORE_UNAVAILABLE"
+    assert "may not have been saved" in result.data[-1]["message"]
+    assert "redis" not in result.data[-1]["message"]

@@ -229,6 +229,12 @@ def wire_state(status: RunStatus) -> str:
 RUN_ID = re.compile(r"run_[0-9a-f]{1,64}")
 
 
+UNSAVED = (
+    "The turn may not have been saved: the session store did not answer. Look at the "
+    "session before sending the message again."
+)
+
+
 def new_run_id() -> str:
     return "run_" + secrets.token_hex(8)
 
@@ -586,6 +592,12 @@ class RunManager:
             except Fenced:
                 log.warning("run %s: a newer turn wrote its session; not stored", run.id)
                 terminal, state = FENCED_OUT, RunState.FAILED
+            except StoreError as exc:
+                # The store did not answer in time (it outlasted a short outage first):
+                # the write may still land, so the person is told to look, not to resend.
+                log.warning("run %s: storing the turn failed: %s", run.id, exc.message)
+                terminal = Error(ErrorCode.STORE_UNAVAILABLE, UNSAVED)
+                state = RunState.FAILED
             except Exception:
                 log.exception("run %s: storing the turn failed", run.id)
                 terminal = Error(
