@@ -410,10 +410,19 @@ async def test_a_restart_keeps_a_pending_approval_and_the_answer_continues_the_t
             assert state["state"] == "waiting"
             assert state["pendingApprovals"] == [json.loads(asked.data)]
             assert ran(ran_log) == []
-            answer = await http.post(
-                f"/api/chat/runs/{run_id}/approvals/call_mail", json={"approved": True}
+            # Three devices answer at once: one answer continues the turn.
+            answers = await asyncio.gather(
+                *(
+                    http.post(
+                        f"/api/chat/runs/{run_id}/approvals/call_mail", json={"approved": True}
+                    )
+                    for _ in range(3)
+                )
             )
-            assert answer.status_code == 200
+            assert sorted(a.status_code for a in answers) == [200, 409, 409]
+            refused = [a.json()["error"]["code"] for a in answers if a.status_code == 409]
+            assert refused == ["APPROVAL_ANSWERED"] * 2
+            answer = next(a for a in answers if a.status_code == 200)
             continued = answer.json()["continuedRunId"]
             assert continued.startswith("run_") and continued != run_id
             async with reading(http, last_event_id=f"{continued}:0") as rest:

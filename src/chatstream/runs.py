@@ -712,7 +712,16 @@ class RunManager:
         if call.expires_at <= time.time():
             raise ApprovalAnswered(f"The approval of call {answer.call_id!r} expired.")
         run_ids = tuple(str(i) for i in record.get("runIds", (run_id,)))
-        run = await self._start(session, None, continuation=_Continuation(run_ids, waiting, answer))
+        try:
+            run = await self._start(
+                session, None, continuation=_Continuation(run_ids, waiting, answer)
+            )
+        except SessionBusy:
+            # Another answer to this turn is continuing it (or a new message is closing
+            # it): either way this one comes second.
+            raise ApprovalAnswered(
+                f"Call {answer.call_id!r} is being answered already, or its turn was closed."
+            ) from None
         for parked_id in run_ids:
             self._continued[parked_id] = run.id
         log.info("run %s continues parked run %s", run.id, run_id)
