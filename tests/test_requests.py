@@ -8,6 +8,9 @@ from typing import Any
 import httpx
 import pytest
 
+from chatstream.config import Settings
+from chatstream.server.app import create_app
+
 
 def error_of(response: httpx.Response) -> str:
     assert response.headers["content-type"].startswith("application/json")
@@ -147,3 +150,24 @@ async def test_the_docs_page_needs_no_network(client: httpx.AsyncClient) -> None
         for url in assets:
             assert url.startswith("/"), f"{page} loads {url} from elsewhere"
             assert (await client.get(url)).status_code == 200, url
+
+
+def test_the_openapi_document_lists_the_refusals_the_server_gives() -> None:
+    document = create_app(Settings(model="scripted")).openapi()
+    paths = document["paths"]
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            # A request that does not fit its schema is a 400 with the error body, never
+            # FastAPI's 422.
+            assert "422" not in responses, (method, path)
+            if path.startswith("/api/") and path != "/api/health":
+                assert "401" in responses, (method, path)
+    stream = paths["/api/chat/stream"]["get"]["responses"]
+    assert {"400", "409", "413", "429", "503"} <= set(stream)
+    frame = stream["200"]["content"]["text/event-stream"]["schema"]
+    assert "approval_required" in frame["properties"]["event"]["enum"]
+    assert re.fullmatch(frame["properties"]["id"]["pattern"], "run_0123456789abcdef:0")
+    assert frame["required"] == ["id"]  # the opening frame has no event and no data
+    assert "503" in paths["/api/health"]["get"]["responses"]
+    assert "HTTPValidationError" not in document["components"]["schemas"]

@@ -18,7 +18,7 @@ from starlette.staticfiles import StaticFiles
 from chatstream import __version__
 from chatstream.config import Settings
 from chatstream.models import Model
-from chatstream.server import agui, errors, routes, ui_stream
+from chatstream.server import agui, errors, openapi, routes, ui_stream
 from chatstream.server.limits import BodyLimit
 from chatstream.server.origin import CorsPolicy, OriginGuard, is_loopback
 from chatstream.server.requestlog import RequestLog
@@ -82,6 +82,7 @@ def create_app(
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     errors.install(app)
+    openapi.describe(app)
     app.include_router(routes.router)
     # The same runs in the frontends' protocols: the Vercel AI SDK's and AG-UI.
     app.include_router(ui_stream.router)

@@ -61,13 +61,23 @@ EVENT_ID = re.compile(r"([A-Za-z0-9._-]{1,128}):(\d{1,18})")
 # depends on ``event`` (see the README and the contract).
 SSE_EVENT_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "required": ["event", "data", "id"],
+    "description": "A frame. The first of each connection has only `retry` and `id` (the "
+    "point it starts from, `<runId>:0` for a new turn); `: ping` comments come between.",
+    "required": ["id"],
     "properties": {
         "event": {
-            "enum": ["token", "tool_call", "tool_progress", "tool_result", "done", "error"],
+            "enum": [
+                "token",
+                "tool_call",
+                "approval_required",
+                "tool_progress",
+                "tool_result",
+                "done",
+                "error",
+            ],
         },
         "data": {"type": "string", "contentMediaType": "application/json"},
-        "id": {"type": "string", "pattern": r"^run_[0-9a-f]+:[1-9][0-9]*$"},
+        "id": {"type": "string", "pattern": r"^run_[0-9a-f]+:[0-9]+$"},
         "retry": {"type": "integer", "minimum": 0},
     },
 }
@@ -75,6 +85,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorOut, "description": "MISSING_MESSAGE or INVALID_REQUEST"},
     409: {"model": ErrorOut, "description": "SESSION_BUSY: a turn is already running there"},
     413: {"model": ErrorOut, "description": "MESSAGE_TOO_LONG or REQUEST_TOO_LARGE"},
+    429: {"model": ErrorOut, "description": "RATE_LIMITED (see Retry-After)"},
+    503: {"model": ErrorOut, "description": "STORE_UNAVAILABLE or SHUTTING_DOWN"},
 }
 _STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
@@ -442,6 +454,12 @@ async def list_tools(request: Request, caller: CallerDep) -> ToolListOut:
     "/api/health",
     response_model=HealthOut,
     response_model_exclude_none=True,
+    responses={
+        503: {
+            "model": HealthOut,
+            "description": "degraded: the store or shared runs are down, or the warm-up failed",
+        }
+    },
     summary="Liveness and set-up",
     tags=["meta"],
 )
