@@ -227,6 +227,9 @@ async def test_tools_are_offered_as_server_tool_with_schema_source_limit_and_app
         # A list: exactly the tools it names.
         assert tools["picky_one__echo"].approval and not tools["picky_one__write_note"].approval
         assert await call(mcp, "test__echo", {"text": "hi"}, Progress().ctx) == "hi"
+        # An argument named like the context the tool is handed goes to the server too.
+        with_ctx = {"text": "hi", "ctx": "theirs"}
+        assert await call(mcp, "test__echo", with_ctx, Progress().ctx) == "hi"
         assert mcp.status() == {
             "test": {"status": "ready", "tools": 13},
             "picky.one": {"status": "ready", "tools": 2},

@@ -28,6 +28,7 @@ from chatstream.tools import (
     default_tools,
     get_current_time,
     get_weather,
+    tool,
 )
 from tests.fakes.open_meteo import FakeOpenMeteo, run_fake_open_meteo
 
@@ -548,3 +549,32 @@ async def test_current_time_matches_zoneinfo() -> None:
 async def test_unknown_time_zone_is_named_in_the_error(zone: str) -> None:
     with pytest.raises(ToolError, match=f"unknown time zone {re.escape(repr(zone))}"):
         await run(get_current_time, {"timezone": zone})
+
+
+async def _ok(ctx: ToolContext, text: str) -> str:
+    return text
+
+
+async def _star(ctx: ToolContext, *texts: str) -> str:
+    return " ".join(texts)
+
+
+async def _stars(ctx: ToolContext, **fields: str) -> str:
+    return str(fields)
+
+
+async def _positional(ctx: ToolContext, text: str, /) -> str:
+    return text
+
+
+@pytest.mark.parametrize("name", ["with space", "ünïcode", "x" * 65, "dots.in.it"])
+def test_a_tool_name_the_providers_refuse_is_refused_at_once(name: str) -> None:
+    with pytest.raises(TypeError, match="must be 1-64 characters of"):
+        tool(name=name)(_ok)
+    assert tool(name="send-email_2")(_ok).name == "send-email_2"
+
+
+@pytest.mark.parametrize("function", [_star, _stars, _positional])
+def test_a_parameter_no_call_can_name_is_refused_at_once(function: Any) -> None:
+    with pytest.raises(TypeError, match="must be one a call can name"):
+        tool(function)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -24,7 +24,8 @@ from chatstream.messages import Message, ToolCallRequest
 from chatstream.models.base import Model, TextDelta, Usage
 from chatstream.models.http import RAW_ARGUMENTS
 from chatstream.prompts import SYSTEM_PROMPT
-from chatstream.tools.base import ToolContext, ToolRegistry
+from chatstream.tools.base import Tool, ToolContext, ToolRegistry
+from chatstream.tools.results import as_text, bounded, clean
 
 log = logging.getLogger("chatstream.agent")
 
@@ -149,8 +150,9 @@ class Agent:
         if waiting:
             calls = [ToolCallRequest(p.call_id, p.tool, p.args) for p in waiting]
             expiry = {p.call_id: p.expires_at for p in waiting}
-            async for event in self._tool_round(calls, turn, gate, expiry):
-                yield event
+            async with aclosing(self._tool_round(calls, turn, gate, expiry)) as events:
+                async for event in events:
+                    yield event
             first_round = 1
         for round_index in range(first_round, self.max_tool_rounds + 1):
             # The last round offers no tools, so the model has to answer.
@@ -174,8 +176,12 @@ class Agent:
                 return
             turn.steps.append(m.assistant("".join(turn.answer), tool_calls=tuple(calls)))
             turn.answer.clear()
-            async for event in self._tool_round(calls, turn, gate, {}):
-                yield event
+            # aclosing: a turn cut here (a cancel, the event cap) gives each call its
+            # result in ``turn.steps`` now, before the turn is stored, not when the
+            # garbage collector finalises the round.
+            async with aclosing(self._tool_round(calls, turn, gate, {})) as events:
+                async for event in events:
+                    yield event
 
     def needs_approval(self, call: ToolCallRequest) -> bool:
         try:
@@ -191,8 +197,6 @@ class Agent:
     ) -> AsyncGenerator[Event, None]:
         """Run one round's calls, asking first for those that need approval; every call
         ends up with a result in ``turn.steps``, in the order the model asked."""
-        for call in calls:
-            yield ToolCall(id=call.id, tool=call.name, args=call.arguments)
         now = time.time()
         asks = [
             Pending(c.id, c.name, c.arguments, expiry.get(c.id, now + gate.timeout_s))
@@ -201,6 +205,8 @@ class Agent:
         ]
         results: dict[str, Message] = {}
         try:
+            for call in calls:
+                yield ToolCall(id=call.id, tool=call.name, args=call.arguments)
             if asks:
                 # Asked together, before anyone can see the request: an answer that comes
                 # the moment the event is read must find the call waiting.
@@ -211,16 +217,17 @@ class Agent:
                     if gate.is_pending(ask.call_id):
                         yield ApprovalRequired(ask.call_id, ask.tool, ask.args, iso(ask.expires_at))
             waits = {ask.call_id: ask for ask in asks}
-            async for event in self._run_tools(calls, turn, gate, waits):
-                if isinstance(event, ToolResult):
-                    call = next(c for c in calls if c.id == event.id)
-                    results[event.id] = m.tool_result(
-                        call,
-                        event.result,
-                        is_error=event.is_error,
-                        approval=turn.approvals.get(call.id),
-                    )
-                yield event
+            async with aclosing(self._run_tools(calls, turn, gate, waits)) as events:
+                async for event in events:
+                    if isinstance(event, ToolResult):
+                        call = next(c for c in calls if c.id == event.id)
+                        results[event.id] = m.tool_result(
+                            call,
+                            event.result,
+                            is_error=event.is_error,
+                            approval=turn.approvals.get(call.id),
+                        )
+                    yield event
         finally:
             # Keep the stored history valid for providers: every call gets a result, in
             # the order the model asked, even when cut short; a parked turn leaves its
@@ -248,7 +255,7 @@ class Agent:
         turn: Turn,
         gate: Gate,
         waits: dict[str, Pending],
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Run calls concurrently; yield progress and results as they happen."""
         updates: asyncio.Queue[Event] = asyncio.Queue()
         tasks = [
@@ -275,9 +282,7 @@ class Agent:
         gate: Gate,
         waiting: Pending | None,
     ) -> None:
-        def report(message: str, progress: float | None) -> None:
-            updates.put_nowait(ToolProgress(call.id, call.name, message, progress))
-
+        progress = _Progress(call, updates)
         if waiting is not None:
             # Nothing of the tool runs before a person says yes.
             try:
@@ -292,14 +297,16 @@ class Agent:
                 updates.put_nowait(ToolResult(call.id, call.name, text, True, answer.verdict))
                 return
         try:
-            ctx = ToolContext[Any](report, self.tool_settings, self.deps)
+            ctx = ToolContext[Any](progress.report, self.tool_settings, self.deps)
             result, is_error = await self._call(call, ctx)
         except Exception:
             # Whatever fails here, the round waits for one result per call: never leave it
             # waiting until the turn times out.
             log.exception("tool call %s of %r failed", call.id, call.name)
             result, is_error = f"{call.name} failed with an internal error.", True
+        result = bounded(clean(result), self.tool_settings.tool_max_result_chars)
         approval = turn.approvals.get(call.id)
+        progress.end()
         updates.put_nowait(ToolResult(call.id, call.name, result, is_error, approval))
 
     async def _call(self, call: ToolCallRequest, ctx: ToolContext) -> tuple[str, bool]:
@@ -311,13 +318,145 @@ class Agent:
             return f"The arguments for {call.name} were not a JSON object: {raw}", True
         timeout_s = tool.timeout_s or self.tool_timeout_s
         try:
-            async with asyncio.timeout(timeout_s):
-                return await tool(ctx, call.arguments), False
+            value = await _within(_guarded(tool, ctx, call.arguments), timeout_s)
+            return as_text(value, call.name), False
         except ToolError as exc:
             return exc.message, True
-        except TimeoutError:
+        except _TimedOut:
             return f"{call.name} timed out after {timeout_s:g} s.", True
+        except _Escaped as exc:
+            log.error("tool %s raised %s", call.name, exc.kind, exc_info=exc.__cause__)
+            return f"{call.name} failed with an internal error ({exc.kind}).", True
         except Exception as exc:
             # The exception's text stays in the log: it may name files, hosts or secrets.
             log.exception("tool %s failed", call.name)
             return f"{call.name} failed with an internal error ({type(exc).__name__}).", True
+
+
+# A call's progress goes out as it comes for a burst of PROGRESS_BURST updates, then at
+# PROGRESS_RATE a second at most; an update that must wait is replaced by a newer one. A
+# tool that reports each of 100,000 steps would otherwise fill the run's event log (and
+# end its turn), and no person reads 1,000 updates a second.
+PROGRESS_BURST = 10
+PROGRESS_RATE = 20.0
+
+
+class _Progress:
+    """One call's progress reports, passed on within ``PROGRESS_BURST``/``PROGRESS_RATE``."""
+
+    def __init__(self, call: ToolCallRequest, updates: asyncio.Queue[Event]) -> None:
+        self._call = call
+        self._updates = updates
+        self._loop = asyncio.get_running_loop()
+        self._allowance = float(PROGRESS_BURST)
+        self._counted_at = self._loop.time()
+        self._held: ToolProgress | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._ended = False
+
+    def report(self, message: str, progress: float | None) -> None:
+        if self._ended:
+            return  # after the call's result: nobody reads it any more
+        event = ToolProgress(self._call.id, self._call.name, message, progress)
+        if self._held is None and self._refilled() >= 1:
+            self._send(event)
+            return
+        self._held = event
+        if self._timer is None:
+            wait = (1 - self._allowance) / PROGRESS_RATE
+            self._timer = self._loop.call_later(wait, self._flush)
+
+    def end(self) -> None:
+        """Before the call's result: what is held goes out first, then nothing more."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._flush()
+        self._ended = True
+
+    def _refilled(self) -> float:
+        now = self._loop.time()
+        gained = (now - self._counted_at) * PROGRESS_RATE
+        self._allowance = min(float(PROGRESS_BURST), self._allowance + gained)
+        self._counted_at = now
+        return self._allowance
+
+    def _flush(self) -> None:
+        self._timer = None
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._refilled()
+            self._send(held)
+
+    def _send(self, event: ToolProgress) -> None:
+        self._allowance -= 1
+        self._updates.put_nowait(event)
+
+
+# How long a tool call that was cancelled (stopped, timed out) gets to end before it is
+# left to itself: a tool that catches the cancel and goes on must not hold the turn.
+CANCEL_GRACE_S = 1.0
+
+
+class _TimedOut(Exception):
+    """A tool call ran past its time limit (a tool's own TimeoutError is its failure)."""
+
+
+class _Escaped(Exception):
+    """A tool raised what is not an ``Exception``: ``kind`` names it."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+async def _guarded(tool: Tool, ctx: ToolContext[Any], arguments: dict[str, Any]) -> object:
+    """Await the tool; what it raises that is not an ``Exception`` becomes ``_Escaped``.
+
+    A ``SystemExit`` or ``KeyboardInterrupt`` (argparse or click inside a tool) would
+    stop the event loop and every stream with it, and a ``CancelledError`` of the
+    tool's own would pass for a cancel of the turn: none of them is the tool's to give.
+    """
+    try:
+        return await tool(ctx, arguments)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # a cancel of this call: it passes on
+        raise _Escaped("CancelledError") from None
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise _Escaped(type(exc).__name__) from exc
+
+
+async def _within(call: Awaitable[object], timeout_s: float) -> object:
+    """``await call`` in a task of its own, for at most ``timeout_s`` (``_TimedOut``).
+
+    Timed out or cancelled from here, the task is cancelled and given
+    ``CANCEL_GRACE_S`` to end, then left running: a tool that ignores its cancel
+    cannot keep its turn (and its session) from ending.
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except asyncio.CancelledError:
+        await _let_go(task)
+        raise
+    if not done:
+        await _let_go(task)
+        raise _TimedOut
+    return task.result()
+
+
+async def _let_go(task: asyncio.Future[object]) -> None:
+    task.cancel()
+    await asyncio.wait({task}, timeout=CANCEL_GRACE_S)
+    if not task.done():
+        log.warning("a tool call goes on after its cancel; it is left running, unheard")
+    task.add_done_callback(_forget)
+
+
+def _forget(task: asyncio.Future[object]) -> None:
+    """Retrieve what a task that nobody awaits any more ended with, so it is not reported."""
+    if not task.cancelled():
+        task.exception()

@@ -48,6 +48,8 @@ class ToolSettings:
     """What the tools are given: their time limit, bounds, and the weather service."""
 
     tool_timeout_s: float = 20.0
+    # A longer result is cut: the model reads every stored result on each later turn.
+    tool_max_result_chars: int = 100_000
     calculate_max_chars: int = 500
     calculate_max_result_chars: int = 1002
     weather_geocoding_url: str = DEFAULT_GEOCODING_URL

@@ -23,8 +23,11 @@ from typing_extensions import TypeVar
 from chatstream.config import ToolSettings
 from chatstream.errors import ToolError
 from chatstream.models.base import ToolSpec
+from chatstream.tools.results import clean
 
 ProgressSink = Callable[[str, float | None], None]
+# A progress message is a line of status, not a result: longer ones are cut.
+MAX_PROGRESS_CHARS = 1000
 ToolFunction = Callable[..., Awaitable[str]]
 
 
@@ -51,10 +54,15 @@ class ToolContext(Generic[DepsT]):
         self.deps = cast(DepsT, deps)
 
     def progress(self, message: str, progress: float | None = None) -> None:
-        """Report a step; ``progress`` is the fraction done (0..1) when known."""
+        """Report a step; ``progress`` is the fraction done (0..1) when known.
+
+        Past a burst of 10, reports that come faster than 20 a second are thinned out,
+        the latest one winning; the last always goes out before the result.
+        """
         if progress is not None:
             progress = min(1.0, max(0.0, float(progress)))
-        self._sink(message, progress)
+        text = message if isinstance(message, str) else str(message)
+        self._sink(clean(text)[:MAX_PROGRESS_CHARS], progress)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,9 +140,23 @@ def _make_tool(
 ) -> Tool:
     if not inspect.iscoroutinefunction(function):
         raise TypeError(f"a tool must be an async function: {function!r} is not")
+    tool_name = name or function.__name__
+    if not TOOL_NAME.fullmatch(tool_name):
+        # What OpenAI's and Anthropic's APIs accept: another name fails every turn there.
+        raise TypeError(
+            f"tool name {tool_name!r} must be 1-64 characters of [A-Za-z0-9_-] (give "
+            "@tool(name=...) another)"
+        )
     signature = inspect.signature(function)
     if not signature.parameters:
-        raise TypeError(f"tool {function.__name__!r} must take a ToolContext first")
+        raise TypeError(f"tool {tool_name!r} must take a ToolContext first")
+    for parameter in list(signature.parameters.values())[1:]:
+        if parameter.kind in _UNNAMED:
+            # The model calls a tool with a JSON object: every argument needs a name.
+            raise TypeError(
+                f"tool {tool_name!r}: parameter {parameter.name!r} must be one a call can "
+                "name (no *args, **kwargs or positional-only parameters)"
+            )
     hints = get_type_hints(function)
     summary, arg_docs = _parse_docstring(inspect.getdoc(function) or "")
     fields: dict[str, Any] = {}
@@ -156,7 +178,7 @@ def _make_tool(
             prop["description"] = arg_docs[argument]
     schema["additionalProperties"] = False
     return Tool(
-        name=name or function.__name__,
+        name=tool_name,
         description=description if description is not None else summary,
         parameters=schema,
         function=function,
@@ -165,6 +187,12 @@ def _make_tool(
     )
 
 
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_UNNAMED = (
+    inspect.Parameter.VAR_POSITIONAL,
+    inspect.Parameter.VAR_KEYWORD,
+    inspect.Parameter.POSITIONAL_ONLY,
+)
 _ARG_LINE = re.compile(r"^\s+(\w+)(?:\s*\([^)]*\))?:\s*(.+)$")
 
 

@@ -339,7 +339,8 @@ class McpConnection:
         return tools
 
     def _function(self, tool: str) -> ToolFunction:
-        async def call(ctx: ToolContext[Any], **arguments: Any) -> str:
+        # ctx is positional-only: a tool of the server may take an argument named "ctx".
+        async def call(ctx: ToolContext[Any], /, **arguments: Any) -> str:
             return await self.call(tool, arguments, ctx)
 
         call.__name__ = tool_name(self.config.name, tool)

@@ -9,6 +9,7 @@ while it is ready and absent while it is not.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,8 @@ from chatstream.tools.mcp.config import McpConfigError, ServerConfig, load_confi
 
 if TYPE_CHECKING:
     from chatstream.tools.mcp.connection import McpConnection
+
+log = logging.getLogger("chatstream.mcp")
 
 START_WAIT_S = 15.0
 
@@ -33,6 +36,7 @@ class McpServers:
         self._configs = [s for s in servers if s.enabled]
         self._start_wait_s = start_wait_s
         self._connections: dict[str, McpConnection] = {}
+        self._clashes: set[str] = set()  # names two servers offer, said once each
         _check_prefixes(self._configs)
 
     @classmethod
@@ -79,8 +83,22 @@ class McpServers:
             pass  # the slow ones go on starting in the background
 
     def tools(self) -> list[Tool]:
-        """The tools of the servers that are ready now."""
-        return [t for c in self._connections.values() for t in c.tools()]
+        """The tools of the servers that are ready now, each name once: the first
+        server's ("a" with tool "b__c" and "a__b" with tool "c" both make "a__b__c")."""
+        found: dict[str, Tool] = {}
+        for connection in self._connections.values():
+            for t in connection.tools():
+                if t.name not in found:
+                    found[t.name] = t
+                elif t.name not in self._clashes:
+                    self._clashes.add(t.name)
+                    log.warning(
+                        "MCP tool name %s is offered by %s and by %s; the second is left out",
+                        t.name,
+                        found[t.name].source,
+                        t.source,
+                    )
+        return list(found.values())
 
     def status(self) -> dict[str, dict[str, object]]:
         """Each enabled server's state: ``{"status", "tools", "error"?}``."""
