@@ -28,6 +28,7 @@ import httpx
 import pytest
 
 from chatstream.config import Settings
+from chatstream.events import FrameDecoder
 from chatstream.server.app import create_app
 from chatstream.tools import BUILTIN, ToolContext, tool
 from tests.support import approval_tools
@@ -734,3 +735,42 @@ def test_the_use_chat_example_shows_tokens_a_tools_progress_and_its_result(
             page.screenshot(path=tmp_path / "use-chat.png")
             page.close()
     assert not errors, errors
+
+
+def test_an_approval_answer_naming_another_chats_run_is_refused(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    params = {"message": f"call send_email {EMAIL}", "sessionId": "mine"}
+    url = f"{server.url}/api/chat/stream"
+    with httpx.stream("GET", url, params=params, timeout=30) as waiting:
+        frames = FrameDecoder()
+        asked = None
+        for chunk in waiting.iter_bytes():
+            asked = next((f for f in frames.feed(chunk) if f.event == "approval_required"), None)
+            if asked is not None:
+                break
+        assert asked is not None and asked.id is not None
+        run_id = asked.id.rsplit(":", 1)[0]
+        call_id = json.loads(asked.data)["id"]
+        part = {
+            "type": "tool-send_email",
+            "toolCallId": call_id,
+            "state": "approval-responded",
+            "approval": {"id": "a1", "approved": True},
+        }
+        ui = {
+            "id": "other",
+            "trigger": "submit-message",
+            "messages": [{"id": run_id, "role": "assistant", "parts": [part]}],
+        }
+        interrupt = {"interruptId": f"{run_id}:{call_id}", "status": "resolved", "payload": True}
+        agui = {"threadId": "other", "runId": "r", "messages": [], "resume": [interrupt]}
+        for path, body in (("/api/ui/chat", ui), ("/api/agui", agui)):
+            refused = httpx.post(server.url + path, json=body, timeout=10)
+            assert refused.status_code == 400, refused.text
+            assert "another session" in refused.json()["error"]["message"]
+        # Nothing was answered: the call still waits in its own chat.
+        state = httpx.get(f"{server.url}/api/chat/runs/{run_id}", timeout=10).json()
+        assert [p["id"] for p in state["pendingApprovals"]] == [call_id]
+        assert approval_tools.ran(str(tmp_path / "ran.jsonl")) == []
+        httpx.post(f"{server.url}/api/chat/runs/{run_id}/cancel", timeout=10)

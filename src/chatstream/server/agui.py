@@ -54,6 +54,7 @@ from chatstream.server.sse import EncodedStream
 from chatstream.server.turns import (
     CallerDep,
     acquire_slot,
+    require_run_of,
     start_turn,
     validate_session_id,
     validate_turn,
@@ -334,6 +335,7 @@ async def agui_run(request: Request, caller: CallerDep, body: RunAgentIn) -> Res
     thread_id = validate_session_id(body.threadId, field="threadId")
     if body.resume:
         run_id, answers = _answers(body.resume)
+        await require_run_of(request, caller, run_id, thread_id)
         continued: str | None = None
         for call_id, approved, reason in answers:
             try:

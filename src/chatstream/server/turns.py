@@ -49,6 +49,19 @@ CallerDep = Annotated[Caller, Depends(_caller)]
 """Who sends the request, resolved once; 401 for a missing or wrong key."""
 
 
+async def require_run_of(request: Request, caller: Caller, run_id: str, session_id: str) -> None:
+    """400 when ``run_id`` is a run of another of the caller's sessions than ``session_id``.
+
+    A frontend's approval answer names both the chat and the run; one that names a run
+    of another chat would continue it under the wrong chat's name.
+    """
+    status = await runtime_of(request).runs.status(run_id, caller=caller.id)
+    if status is not None and status.session.id != session_id:
+        raise InvalidRequest(
+            f"Run {run_id!r} belongs to another session than {session_id!r}: answer it there."
+        )
+
+
 async def start_turn(
     request: Request,
     caller: Caller,

@@ -53,6 +53,7 @@ from chatstream.server.sse import EncodedStream
 from chatstream.server.turns import (
     CallerDep,
     acquire_slot,
+    require_run_of,
     start_turn,
     validate_session_id,
     validate_turn,
@@ -358,6 +359,7 @@ async def ui_chat(request: Request, caller: CallerDep, body: UIChatIn) -> Respon
         run_id = await runtime.runs.active_run_id(caller.session(session_id))
     if run_id is None:
         raise InvalidRequest(f"Message {last.id!r} names no run that waits for an approval.")
+    await require_run_of(request, caller, run_id, session_id)
     continued: str | None = None
     for call_id, approval in answers:
         assert call_id is not None and approval is not None and approval.approved is not None
