@@ -10,9 +10,11 @@ owner of a turn and whoever stores it for a dead owner cannot both store it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
+
+import orjson
 
 from chatstream.errors import ErrorCode, StoreError
 from chatstream.messages import Message, history_length
@@ -50,6 +52,16 @@ class SessionRef:
     def from_key(cls, key: str) -> SessionRef:
         owner, _, session_id = key.rpartition("/")
         return cls(owner, session_id)
+
+
+def stamped(messages: Sequence[Message], now: float) -> tuple[Message, ...]:
+    """``messages`` as a store writes them: each with its ``created_at``, ``now`` if unset."""
+    return tuple(m if m.created_at is not None else replace(m, created_at=now) for m in messages)
+
+
+def decoded(bodies: Iterable[bytes]) -> tuple[Message, ...]:
+    """Messages from the JSON bodies a store keeps them as, in order."""
+    return tuple(Message.from_dict(orjson.loads(body)) for body in bodies)
 
 
 @dataclass(frozen=True, slots=True)

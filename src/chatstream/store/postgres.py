@@ -37,15 +37,22 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar, cast
 
 import orjson
 
 from chatstream.errors import StoreError
 from chatstream.messages import Message, history_length
-from chatstream.store.base import FENCED, Fenced, Session, SessionRef, SessionSummary
+from chatstream.store.base import (
+    FENCED,
+    Fenced,
+    Session,
+    SessionRef,
+    SessionSummary,
+    decoded,
+    stamped,
+)
 from chatstream.store.outage import retry_while_down
 
 try:
@@ -306,11 +313,11 @@ class PostgresStore:
             if not rows:
                 return None
             first = rows[0]
-            messages = _messages(r["body"] for r in rows if r["body"] is not None)
+            messages = decoded(r["body"] for r in rows if r["body"] is not None)
             start = first["message_count"] - len(messages)
             counted = first["history_length"]
             if counted is None and start > 0:  # stored before the count was kept
-                counted = history_length(_messages(await _bodies(conn, session_id)))
+                counted = history_length(decoded(await _bodies(conn, session_id)))
             return Session(
                 session_id,
                 messages,
@@ -335,10 +342,8 @@ class PostgresStore:
         now = time.time()
         title = next((m.content[:80] for m in messages if m.role == "user"), "")
         title = title.replace("\x00", "")  # text columns cannot hold NUL
-        stamped = tuple(
-            m if m.created_at is not None else replace(m, created_at=now) for m in messages
-        )
-        bodies = [orjson.dumps(m.to_dict()) for m in stamped]
+        written = stamped(messages, now)
+        bodies = [orjson.dumps(m.to_dict()) for m in written]
         write_id = secrets.token_hex(8)
 
         async def write(conn: asyncpg.pool.PoolConnectionProxy[Any]) -> Session:
@@ -348,20 +353,20 @@ class PostgresStore:
                 count = int(row["message_count"])
                 counted = row["history_length"]
                 if row["last_write"] == write_id:  # this write, tried again: it is there
-                    start = count - len(stamped)
-                    return Session(session_id, stamped, row["created_at"], now, start, counted)
+                    start = count - len(written)
+                    return Session(session_id, written, row["created_at"], now, start, counted)
                 if fence is not None and row["fence"] is not None and fence <= row["fence"]:
                     raise Fenced(FENCED)
                 if counted is None:  # a new session, or one stored before the count was kept
                     older = await _bodies(conn, session_id) if count else []
-                    counted = history_length(_messages(older))
+                    counted = history_length(decoded(older))
                 if replace_from is not None and replace_from < count:
                     cut = await conn.fetch(_CUT, session_id, replace_from)
-                    counted -= history_length(_messages(r["body"] for r in cut))
+                    counted -= history_length(decoded(r["body"] for r in cut))
                     count = replace_from
-                counted += history_length(stamped)
+                counted += history_length(written)
                 await conn.execute(_WRITE, session_id, count, bodies, fence, write_id, counted)
-            return Session(session_id, stamped, row["created_at"], now, count, counted)
+            return Session(session_id, written, row["created_at"], now, count, counted)
 
         return await self._write(write, f"writing session {session_id!r}")
 
@@ -451,10 +456,6 @@ class PostgresStore:
 
 async def _keep_as_is(conn: asyncpg.Connection[Any]) -> None:
     """A pooled connection's reset: an open transaction was rolled back already."""
-
-
-def _messages(bodies: Iterable[bytes]) -> tuple[Message, ...]:
-    return tuple(Message.from_dict(orjson.loads(body)) for body in bodies)
 
 
 async def _bodies(conn: asyncpg.pool.PoolConnectionProxy[Any], session_id: str) -> list[bytes]:

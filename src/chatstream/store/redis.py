@@ -27,7 +27,6 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
 from typing import Any, TypeVar, cast
 
 import orjson
@@ -40,7 +39,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chatstream.errors import StoreError
 from chatstream.messages import Message, history_length
-from chatstream.store.base import FENCED, Fenced, Session, SessionRef, SessionSummary
+from chatstream.store.base import (
+    FENCED,
+    Fenced,
+    Session,
+    SessionRef,
+    SessionSummary,
+    decoded,
+    stamped,
+)
 from chatstream.store.outage import retry_while_down
 
 log = logging.getLogger("chatstream.store")
@@ -55,10 +62,6 @@ OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 # One reconnection inside the driver, at once: what a pooled connection that a restart of
 # Redis left dead needs. Waiting out a longer outage is ``outlast``'s job, for writes only.
 RECONNECT_ONCE = Retry(NoBackoff(), 1)
-
-
-def _messages(bodies: list[bytes]) -> tuple[Message, ...]:
-    return tuple(Message.from_dict(orjson.loads(body)) for body in bodies)
 
 
 def unavailable(what: str, exc: BaseException) -> StoreError:
@@ -206,12 +209,12 @@ class RedisStore:
             counted = None if kept is None else int(kept)
             if counted is None and start > 0:  # stored before the count was kept
                 _, _, everything = await self._read(session_id, None)
-                counted = history_length(_messages(everything))
+                counted = history_length(decoded(everything))
         except (RedisError, OSError) as exc:
             raise unavailable(f"reading session {session_id!r}", exc) from exc
         return Session(
             session_id,
-            _messages(bodies),
+            decoded(bodies),
             created_at=float(meta[b"created_at"]),
             last_activity=float(meta[b"last_activity"]),
             start=start,
@@ -240,9 +243,7 @@ class RedisStore:
         session_id = ref.key
         now = time.time()
         title = next((m.content[:80] for m in messages if m.role == "user"), "")
-        stamped = tuple(
-            m if m.created_at is not None else replace(m, created_at=now) for m in messages
-        )
+        written = stamped(messages, now)
         owner, public_id = ref.owner, ref.id
         keys = [
             self._session(session_id),
@@ -256,25 +257,25 @@ class RedisStore:
             public_id,
             "" if fence is None else fence,
             "" if replace_from is None else replace_from,
-            history_length(stamped),
-            *(orjson.dumps(m.to_dict()) for m in stamped),
+            history_length(written),
+            *(orjson.dumps(m.to_dict()) for m in written),
         ]
         what = f"writing session {session_id!r}"
         try:
-            written = await outlast(
+            reply = await outlast(
                 lambda: self._append(keys=keys, args=args), within_s=self.outage_s, what=what
             )
         except (RedisError, OSError) as exc:
             raise unavailable(what, exc) from exc
-        if int(written[0]) < 0:
+        if int(reply[0]) < 0:
             raise Fenced(FENCED)
-        _, counted, count, created_at = written
+        _, counted, count, created_at = reply
         return Session(
             session_id,
-            stamped,
+            written,
             created_at=float(created_at),
             last_activity=now,
-            start=int(count) - len(stamped),
+            start=int(count) - len(written),
             total_history=int(counted),
         )
 

@@ -14,7 +14,6 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -22,7 +21,15 @@ import orjson
 
 from chatstream.errors import StoreError
 from chatstream.messages import Message, history_length
-from chatstream.store.base import FENCED, Fenced, Session, SessionRef, SessionSummary
+from chatstream.store.base import (
+    FENCED,
+    Fenced,
+    Session,
+    SessionRef,
+    SessionSummary,
+    decoded,
+    stamped,
+)
 
 # 1: sessions and messages. 2: parked runs (turns waiting for approval across a restart).
 # 3: each session's fencing token (``store.base``). 4: each session's history length, so
@@ -157,7 +164,7 @@ class SQLiteStore:
             "SELECT body FROM messages WHERE session_id = ? AND position >= ? ORDER BY position",
             (session_id, start),
         ).fetchall()
-        return tuple(Message.from_dict(orjson.loads(body)) for (body,) in bodies)
+        return decoded(body for (body,) in bodies)
 
     async def load(self, ref: SessionRef, *, last: int | None = None) -> Session | None:
         """The session with its messages in order (its last ``last`` of them), or None."""
@@ -175,7 +182,7 @@ class SQLiteStore:
     ) -> Session:
         now = time.time()
         title = next((m.content[:80] for m in messages if m.role == "user"), "")
-        stamped = tuple(_stamped(msg, now) for msg in messages)
+        written = stamped(messages, now)
         db = self._db
         with _transaction(db):
             db.execute(
@@ -206,16 +213,16 @@ class SQLiteStore:
                 "INSERT INTO messages (session_id, position, body) VALUES (?, ?, ?)",
                 [
                     (session_id, start + i, orjson.dumps(msg.to_dict()))
-                    for i, msg in enumerate(stamped)
+                    for i, msg in enumerate(written)
                 ],
             )
-            counted += history_length(stamped)
+            counted += history_length(written)
             db.execute(
                 "UPDATE sessions SET message_count = ?, history_length = ?,"
                 " title = CASE WHEN title = '' THEN ? ELSE title END WHERE id = ?",
-                (start + len(stamped), counted, title, session_id),
+                (start + len(written), counted, title, session_id),
             )
-        return Session(session_id, stamped, created_at, now, start, counted)
+        return Session(session_id, written, created_at, now, start, counted)
 
     async def append(
         self,
@@ -295,9 +302,3 @@ class SQLiteStore:
         """Close the connection (checkpointing the WAL) and its thread."""
         await asyncio.get_running_loop().run_in_executor(self._thread, self._db.close)
         self._thread.shutdown(wait=True)
-
-
-def _stamped(message: Message, now: float) -> Message:
-    if message.created_at is not None:
-        return message
-    return replace(message, created_at=now)
