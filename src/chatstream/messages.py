@@ -164,6 +164,21 @@ def pending_calls(messages: Sequence[Message]) -> list[ToolCallRequest]:
     return []
 
 
+def encodable(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8, as every store and stream writes it.
+
+    It cannot when it holds a lone surrogate (half of a UTF-16 pair), which JSON may
+    carry as an escape ("\\ud800") and Python decodes into a str all the same.
+    """
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def history_length(messages: list[Message] | tuple[Message, ...]) -> int:
     """User and assistant messages, as the contract counts them (tool messages aside)."""
     # An assistant message that only asked for tools is a step of the turn, not an

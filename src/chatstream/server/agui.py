@@ -45,6 +45,7 @@ from chatstream.events import (
     ToolResult,
     dumps,
 )
+from chatstream.messages import encodable
 from chatstream.runlog import Entry, Reader
 from chatstream.runs import is_run_id
 from chatstream.server.relay import DATA_EVENT_SCHEMA, Rounds
@@ -388,13 +389,7 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
 
 
 def _short_text(value: object) -> bool:
-    if not isinstance(value, str) or len(value) > 2000:
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return isinstance(value, str) and len(value) <= 2000 and encodable(value)
 
 
 def _answers(resume: list[ResumeIn]) -> tuple[str, list[tuple[str, bool, str | None]]]:

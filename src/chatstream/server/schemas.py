@@ -6,16 +6,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from chatstream.messages import encodable
+
 SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 
 
 def _encodable(text: str) -> str:
-    # JSON may escape a lone surrogate ("\ud800"), which Python decodes into a str that
-    # no UTF-8 writer (the store, the stream) accepts: refuse it before the turn starts.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("is not valid Unicode text (it holds a lone surrogate)") from None
+    # No store or stream could write it: refuse it before the turn starts.
+    if not encodable(text):
+        raise ValueError("is not valid Unicode text (it holds a lone surrogate)")
     return text
 
 

@@ -16,6 +16,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from chatstream.errors import ErrorCode, InvalidRequest, MessageTooLong, Refused
+from chatstream.messages import encodable
 from chatstream.runlog import Reader
 from chatstream.runs import Run, new_session_id
 from chatstream.server.auth import Caller
@@ -125,13 +126,8 @@ def validate_turn(message: str | None, session_id: str | None, max_chars: int) -
         )
     if len(message) > max_chars:
         raise MessageTooLong(f"`message` has {len(message)} characters; the limit is {max_chars}.")
-    if not message.isascii():
-        try:
-            message.encode("utf-8")
-        except UnicodeEncodeError:
-            # A lone surrogate ("\ud800" in JSON) that came in a part the request's schema
-            # does not check (AG-UI's content parts): no store or stream could write it.
-            raise InvalidRequest(
-                "`message` is not valid Unicode text (it holds a lone surrogate)."
-            ) from None
+    if not encodable(message):
+        # A lone surrogate that came in a part the request's schema does not check
+        # (AG-UI's content parts): no store or stream could write it.
+        raise InvalidRequest("`message` is not valid Unicode text (it holds a lone surrogate).")
     return message, validate_session_id(session_id)

@@ -17,6 +17,7 @@ import orjson
 from pydantic import BaseModel
 
 from chatstream.errors import ToolError
+from chatstream.messages import encodable
 
 __all__ = ["as_text", "bounded", "clean"]
 
@@ -40,13 +41,7 @@ def as_text(value: object, tool: str) -> str:
 
 def clean(text: str) -> str:
     """``text`` with each lone surrogate (half of a UTF-16 pair) replaced by U+FFFD."""
-    if text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return _SURROGATE.sub("\ufffd", text)
-    return text
+    return text if encodable(text) else _SURROGATE.sub("\ufffd", text)
 
 
 def bounded(text: str, limit: int) -> str:
