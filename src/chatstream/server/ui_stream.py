@@ -355,11 +355,12 @@ async def ui_chat(request: Request, caller: CallerDep, body: UIChatIn) -> Respon
             "message whose tool parts answer approvals (state `approval-responded`)."
         )
     run_id = last.id if is_run_id(last.id) else None
-    if run_id is None:
+    if run_id is not None:
+        await require_run_of(request, caller, run_id, session_id)
+    else:  # the chat's own active run, if any
         run_id = await runtime.runs.active_run_id(caller.session(session_id))
     if run_id is None:
         raise InvalidRequest(f"Message {last.id!r} names no run that waits for an approval.")
-    await require_run_of(request, caller, run_id, session_id)
     continued: str | None = None
     for call_id, approval in answers:
         assert call_id is not None and approval is not None and approval.approved is not None
