@@ -234,10 +234,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._send_refusal()
 
     def _send_refusal(self) -> None:
-        if not self.transport.is_closing():
-            if self._refusal is not None:
-                self.transport.write(self._refusal)
-            self.transport.close()
+        if self._refusal is not None and not self.transport.is_closing():
+            self.transport.write(self._refusal)
+        self._close()
         self._refusal = None
 
     def _arm(self) -> None:
